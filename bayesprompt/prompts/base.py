@@ -37,12 +37,21 @@ class LearnerOutput:
     image_features: [B, D] normalised image features the logits used.
     frozen_image_features: [B, D] normalised frozen-CLIP image features when the learner computed them
       (it leaves the image tower untouched, or it needs them as a condition, as VaMP); None otherwise.
+    aux_logits: [S, B, C] float32 logits of a second head trained beside `logits` (MMRL's representation
+      head), or None. The objectives apply their likelihood term to both heads and weight them
+      (1 - aux_weight) · term(logits) + aux_weight · term(aux_logits).
+    aux_loss: [] float32 extra loss terms of the method, already weighted (MMRL's cosine regularisers);
+      the objectives add it as is. None: no such terms.
+    aux_weight: static Python float in [0, 1], the weight of the `aux_logits` head (ignored without it).
   """
 
   logits: jax.Array
   kl: jax.Array
   image_features: jax.Array
   frozen_image_features: jax.Array | None = None
+  aux_logits: jax.Array | None = None
+  aux_loss: jax.Array | None = None
+  aux_weight: float = flax.struct.field(pytree_node=False, default=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +71,9 @@ class PromptLearner:
   sample_reduction: ClassVar[str] = "mean_loss"
   # Whether prepare_classes needs class prototypes (mean frozen image feature per class) at train time.
   needs_class_prototypes: ClassVar[bool] = False
+  # Whether the class state must know the training classes (`train_text_features`, `is_train_class`):
+  # learners whose test-time rule depends on how a test class relates to the trained ones (APEX, MMRL).
+  needs_train_classes: ClassVar[bool] = False
   clip_config: clip.CLIPConfig
   kl_weight: float = 0.0
   full_context: bool = False
@@ -107,7 +119,8 @@ class PromptLearner:
 
   def prepare_classes(self, clip_params: Params, classnames: Sequence[str],
                       templates: str | Sequence[str] | None = None,
-                      class_prototypes: jax.Array | np.ndarray | None = None) -> engine.ClassState:
+                      class_prototypes: jax.Array | np.ndarray | None = None,
+                      train_classnames: Sequence[str] | None = None) -> engine.ClassState:
     """Per-class constants (token embeddings, EOT index, ...) of a class list; never parameters.
 
     Args:
@@ -118,12 +131,18 @@ class PromptLearner:
         the first template.
       class_prototypes: [C, D] mean frozen-CLIP image feature per class over the training images (VaMP's
         class-aware prior); omit at test time.
+      train_classnames: the classes the learner is (or was) trained on; used only by learners with
+        `needs_train_classes` (ignored otherwise, so callers may always pass it). Default: `classnames`.
     Returns:
       `engine.ClassState`, a pytree of arrays.
     """
+    if self.needs_train_classes:
+      train_classnames = classnames if train_classnames is None else train_classnames
+    else:
+      train_classnames = None
     return engine.prepare_class_state(clip_params, self.clip_config, self._layout(), classnames,
                                       templates=templates, class_prototypes=class_prototypes,
-                                      full_context=self.full_context)
+                                      train_classnames=train_classnames, full_context=self.full_context)
 
   def predict_probs(self, output: LearnerOutput) -> jax.Array:
     """Predictive class probabilities [B, C]: mean over samples of the softmax (log-mean-exp)."""

@@ -59,6 +59,10 @@ class ClassState:
       or None.
     zeroshot_text_features: [C, D] float32 normalised frozen-CLIP text features of the hand-crafted
       template(s) (template ensemble: mean of normalised features, renormalised), or None.
+    train_text_features: [C_train, D] float32 the same frozen zero-shot features of the classes the learner
+      was trained on (APEX's test-time ensemble compares test classes with them), or None.
+    is_train_class: [C] bool, True where a class of this list is one of the training classes (MMRL fuses
+      its two heads on those), or None.
   """
 
   token_ids: jax.Array
@@ -68,6 +72,8 @@ class ClassState:
   pool_index: jax.Array
   class_prototypes: jax.Array | None = None
   zeroshot_text_features: jax.Array | None = None
+  train_text_features: jax.Array | None = None
+  is_train_class: jax.Array | None = None
 
   @property
   def num_classes(self) -> int:
@@ -164,6 +170,7 @@ def check_layout(layout: PromptLayout, tokenizer) -> None:
 def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: PromptLayout,
                         classnames: Sequence[str], *, templates: str | Sequence[str] | None = None,
                         class_prototypes: jax.Array | np.ndarray | None = None,
+                        train_classnames: Sequence[str] | None = None,
                         full_context: bool = False) -> ClassState:
   """Builds the `ClassState` of a class list (runs outside jit; tokenizes with the model's tokenizer).
 
@@ -174,6 +181,8 @@ def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: Pr
     classnames: C class names; "_" reads as a space (CoOp convention).
     templates: hand-crafted template(s) with "{}" -> `zeroshot_text_features` [C, D]; None: not computed.
     class_prototypes: optional [C, D] class prototypes, stored as float32.
+    train_classnames: the classes the learner is (or was) trained on -> `train_text_features` (needs
+      `templates`) and `is_train_class`; None: neither is computed.
     full_context: pad to the full context length even where trimming is exact.
   Raises:
     ValueError: empty class list, a prompt longer than the context (naming the class), bad prototypes.
@@ -223,6 +232,16 @@ def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: Pr
       raise ValueError(f"class_prototypes must be [{num_classes}, {config.embed_dim}] (classes x embed_dim), "
                        f"got shape {tuple(prototypes.shape)}")
     state = state.replace(class_prototypes=prototypes)
+  if train_classnames is not None:
+    if templates is None:
+      raise ValueError("train_classnames needs templates: the training classes' zero-shot text features are "
+                       "computed with the same hand-crafted template(s)")
+    if isinstance(train_classnames, str) or not train_classnames:
+      raise ValueError(f"train_classnames must be a non-empty sequence of class names, got {train_classnames!r}")
+    train_names = [str(n).replace("_", " ").strip() for n in train_classnames]
+    state = state.replace(
+        train_text_features=zeroshot_text_features(clip_params, config, train_names, templates),
+        is_train_class=jnp.asarray([name in set(train_names) for name in names]))
   return state
 
 

@@ -275,7 +275,7 @@ def gather_rows(array: jax.Array) -> np.ndarray:
 
 def evaluate(learner, params, clip_params, split: LabeledSplit, mesh: Mesh, *, batch_size: int, seed: int,
              max_examples: int | None = None, progress: bool = False, predict: Callable | None = None,
-             class_state: Any = None) -> dict[str, float]:
+             class_state: Any = None, train_classnames: Sequence[str] | None = None) -> dict[str, float]:
   """`prompt_run.evaluate` over a mesh: accuracy / nll / ece / brier of the predictive probabilities.
 
   Each process reads its `process_shard` of the split (padded to whole global batches with label -1), the
@@ -291,7 +291,8 @@ def evaluate(learner, params, clip_params, split: LabeledSplit, mesh: Mesh, *, b
 
   per_process = check_global_batch(batch_size, mesh)
   if class_state is None:
-    class_state = learner.prepare_classes(clip_params, split.classnames, templates=[split.template])
+    class_state = learner.prepare_classes(clip_params, split.classnames, templates=[split.template],
+                                          train_classnames=train_classnames)
   class_state = replicate(class_state, mesh)
   split = protocols.evaluation_subset(split, max_examples)
   # Every process must run the same number of batches: pad the shards to the largest one's batch count.

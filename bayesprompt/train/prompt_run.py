@@ -10,7 +10,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -103,9 +103,14 @@ def class_prototypes(clip_params, clip_config: clip.CLIPConfig, split: LabeledSp
 
 
 def evaluate(learner, params, clip_params, split: LabeledSplit, *, batch_size: int, seed: int,
-             max_examples: int | None = None, progress: bool = True, predict=None) -> dict[str, float]:
-  """accuracy / nll / ece / brier of the learner's predictive probabilities over `split` (its own classes)."""
-  class_state = learner.prepare_classes(clip_params, split.classnames, templates=[split.template])
+             max_examples: int | None = None, progress: bool = True, predict=None,
+             train_classnames: Sequence[str] | None = None) -> dict[str, float]:
+  """accuracy / nll / ece / brier of the learner's predictive probabilities over `split` (its own classes).
+
+  `train_classnames`: the classes the learner was trained on (APEX's and MMRL's test-time rules need them;
+  default: the split's own classes)."""
+  class_state = learner.prepare_classes(clip_params, split.classnames, templates=[split.template],
+                                        train_classnames=train_classnames)
   split = protocols.evaluation_subset(split, max_examples)
   predict = predict or prompt_trainer.make_predict_step(learner)
   batches = pipeline.make_pipeline(split, image_size=learner.clip_config.vision.image_size, batch_size=batch_size,
@@ -152,7 +157,7 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
   if getattr(learner, "needs_class_prototypes", False):
     prototypes = class_prototypes(clip_params, clip_config, train_split, cfg.eval_batch_size)
   class_state = learner.prepare_classes(clip_params, train_split.classnames, templates=[train_split.template],
-                                        class_prototypes=prototypes)
+                                        class_prototypes=prototypes, train_classnames=train_split.classnames)
   teacher_text = class_text_features(clip_params, clip_config, clip.get_tokenizer(clip_config),
                                      train_split.classnames, train_split.template)
   crop_scale = get_dataset(cfg.dataset).train_crop_scale
@@ -228,10 +233,12 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
     if mesh is not None:
       results[name] = distributed.evaluate(learner, state.params, clip_params, split, mesh,
                                            batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                           max_examples=cfg.max_eval_examples, progress=progress, predict=predict)
+                                           max_examples=cfg.max_eval_examples, progress=progress, predict=predict,
+                                           train_classnames=train_split.classnames)
       continue
     results[name] = evaluate(learner, state.params, clip_params, split, batch_size=cfg.eval_batch_size,
-                             seed=cfg.seed, max_examples=cfg.max_eval_examples, progress=progress, predict=predict)
+                             seed=cfg.seed, max_examples=cfg.max_eval_examples, progress=progress, predict=predict,
+                             train_classnames=train_split.classnames)
   writer.write_scalars(int(state.step), {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()})
   writer.write_json("results.json", {"config": cfg.to_json(), "results": results, "train_seconds": train_seconds})
   writer.close()
@@ -256,7 +263,8 @@ def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str
   learner = make_learner(cfg.method, clip_config, **dict(cfg.learner_kwargs))
   train_classes = json.loads((run_dir / "train_classes.json").read_text())["classnames"]
   stored_classes = json.loads((run_dir / "train_classes.json").read_text())
-  class_state = learner.prepare_classes(clip_params, train_classes, templates=[stored_classes["template"]])
+  class_state = learner.prepare_classes(clip_params, train_classes, templates=[stored_classes["template"]],
+                                        train_classnames=train_classes)
   # The restore template needs the trained optimizer's state structure: a schedule carries a step count that
   # a constant learning rate does not (the number of steps per epoch does not change the structure).
   schedule = optim.dassl_cosine_schedule(cfg.lr, cfg.epochs, 1, warmup_epochs=cfg.warmup_epochs,
@@ -274,5 +282,5 @@ def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str
   else:
     data = protocols.zero_shot(dataset, protocol="all", data_dir=data_dir)
   return {name: evaluate(learner, state.params, clip_params, split, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                         max_examples=max_eval_examples, progress=progress)
+                         max_examples=max_eval_examples, progress=progress, train_classnames=train_classes)
           for name, split in data.evals.items()}
