@@ -12,6 +12,12 @@ Each device count runs in its own subprocess with XLA_FLAGS=--xla_force_host_pla
 the input pipeline). Warm-up steps (incl. compilation) are excluded; then `--rounds` rounds of `--steps`
 steps each, reporting the median round (and min-max) in steps/s.
 
+`--methods kfac` times one step of BayesVLM's KFAC factor accumulation as experiments.estimate_hessian
+runs it (`bayesprompt.bayes.hessian`): both towers on a forward batch of `--batch` image–caption pairs and
+the KFAC update of both projections against that batch (a class batch of one forward batch). Sharded: the
+pairs split over "data", per-device partial sums all-reduced (`bayes.distributed.kfac_update_sharded`);
+reference: the one-device path of the same binary (host round trip of the features included, as it runs).
+
 Read the CPU figures for what they are: simulated devices share the machine's cores, so on a 2-core machine
 N>1 "devices" split the same two cores and add collective overhead — the table checks that sharding costs
 little, it cannot show a speed-up. Real scaling needs real accelerators; as written the script measures
@@ -20,6 +26,7 @@ simulated CPU devices only (it sets JAX_PLATFORMS=cpu for its workers).
 Run (from the repo root):
   python benchmarks/bench_scaling.py                        # coop, global batch 32, devices 1,2,4
   python benchmarks/bench_scaling.py --methods coop,vpt --batch 64 --rounds 7
+  python benchmarks/bench_scaling.py --methods kfac --batch 256
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ def measure(devices: int, methods: list[str], batch: int, steps: int, rounds: in
   teacher = class_text_features(params, config, clip.get_tokenizer(config), CLASSNAMES, template)
   out = {}
   for method in methods:
+    if method == "kfac":
+      out[method] = _time_candidates(_kfac_candidates(devices, config, params, images), steps, rounds, warmup)
+      continue
     learner = make_learner(method, config, **LEARNER_KWARGS.get(method, {}))
     objective = make_objective("ce")
     optimizer = optax.sgd(1e-3, momentum=0.9)
@@ -80,30 +90,72 @@ def measure(devices: int, methods: list[str], batch: int, steps: int, rounds: in
     args = (distributed.place_clip(params, mesh), distributed.replicate(class_state, mesh), batch_arrays["image"],
             batch_arrays["label"], distributed.replicate(teacher, mesh))
     candidates["sharded"] = [sharded, distributed.replicate(state, mesh), args]
-    for candidate in candidates.values():  # warm-up (compilation) excluded
+    out[method] = _time_candidates(candidates, steps, rounds, warmup)
+  return out
+
+
+def _time_candidates(candidates: dict, steps: int, rounds: int, warmup: int) -> dict:
+  """{name: [steps/s per round]} of candidates [step, state, args] with step(state, *args) -> (state, aux)."""
+  import jax
+
+  for candidate in candidates.values():  # warm-up (compilation) excluded
+    step, cand_state, cand_args = candidate
+    for _ in range(warmup):
+      cand_state, metrics = step(cand_state, *cand_args)
+    jax.block_until_ready((cand_state, metrics))
+    candidate[1] = cand_state
+  result = {name: [] for name in candidates}
+  for _ in range(rounds):  # interleaved: load drift on a shared machine hits every candidate alike
+    for name, candidate in candidates.items():
       step, cand_state, cand_args = candidate
-      for _ in range(warmup):
+      begin = time.perf_counter()
+      for _ in range(steps):
         cand_state, metrics = step(cand_state, *cand_args)
       jax.block_until_ready((cand_state, metrics))
+      result[name].append(steps / (time.perf_counter() - begin))
       candidate[1] = cand_state
-    result = {name: [] for name in candidates}
-    for _ in range(rounds):  # interleaved: load drift on a shared machine hits every candidate alike
-      for name, candidate in candidates.items():
-        step, cand_state, cand_args = candidate
-        begin = time.perf_counter()
-        for _ in range(steps):
-          cand_state, metrics = step(cand_state, *cand_args)
-        jax.block_until_ready((cand_state, metrics))
-        result[name].append(steps / (time.perf_counter() - begin))
-        candidate[1] = cand_state
-    out[method] = result
-  return out
+  return result
+
+
+def _kfac_candidates(devices: int, config, params, images) -> dict:
+  """KFAC accumulation steps (see the module docstring): {"single" (devices == 1), "sharded"}."""
+  import jax
+  import numpy as np
+
+  from bayesprompt.bayes import hessian, laplace, vlm
+  from bayesprompt.train import distributed
+
+  batch = len(images)
+  ids = np.random.default_rng(1).integers(1, config.text.vocab_size, (batch, config.text.context_length))
+  ids = ids.astype(np.int32)
+  kwargs = dict(logit_scale=float(np.asarray(params["logit_scale"])), likelihood=vlm.likelihood_of(params),
+                logit_bias=vlm.logit_bias_of(params), chunk_size=512)
+  start = {t: laplace.kfac_init(*vlm.projection_dims(params, config, t), add_bias=vlm.projection_has_bias(config, t))
+           for t in vlm.TOWERS}
+
+  def make_step(forward):
+    def step(states, pixels, token_ids):
+      feats = forward(pixels, token_ids)
+      return {tower: forward.accumulate(states[tower], feats[tower]["pre_projection"], feats[tower]["embeddings"],
+                                        feats[other]["embeddings"], num_valid=batch,
+                                        add_bias=vlm.projection_has_bias(config, tower), **kwargs)
+              for tower, other in (("img", "txt"), ("txt", "img"))}, None
+
+    return step
+
+  candidates = {}
+  if devices == 1:
+    candidates["single"] = [make_step(hessian._OneDeviceForward(params, config, batch)), start, (images, ids)]
+  mesh = distributed.make_mesh()
+  sharded = hessian._ShardedForward(params, config, batch, mesh)
+  candidates["sharded"] = [make_step(sharded), jax.tree.map(lambda x: x, start), (images, ids)]
+  return candidates
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--devices", default="1,2,4", help="Simulated CPU device counts.")
-  parser.add_argument("--methods", default="coop", help="Learners (coop, vpt).")
+  parser.add_argument("--methods", default="coop", help="Learners (coop, vpt) and/or kfac (KFAC accumulation).")
   parser.add_argument("--batch", type=int, default=32, help="Global batch size (a multiple of every count).")
   parser.add_argument("--steps", type=int, default=10, help="Steps per timed round.")
   parser.add_argument("--rounds", type=int, default=5, help="Timed rounds (median reported).")
@@ -138,7 +190,8 @@ def main() -> None:
     reference = statistics.median(results[1][method]["single"]) if 1 in results else float("nan")
     rows = []
     if 1 in results:
-      rows.append((1, "plain jit (reference)", results[1][method]["single"]))
+      reference_kind = "one-device binary path (reference)" if method == "kfac" else "plain jit (reference)"
+      rows.append((1, reference_kind, results[1][method]["single"]))
     rows += [(c, "sharded (mesh)", results[c][method]["sharded"]) for c in counts]
     for count, kind, rates in rows:
       median = statistics.median(rates)

@@ -12,6 +12,8 @@ targeted kNN, offline or --rounds online rounds with rank-one KFAC updates); for
 projection is fine-tuned on the first b points (AdamW, --finetune_lr 1e-5, --finetune_weight_decay 5e-2) and
 evaluated (MAP and BayesVLM: accuracy, NLPD, ECE). Writes results.{md,csv,json}, curves.md, curves.png,
 selections.json into --run_dir. Reuses experiments.bayesvlm's flags for factors, λ and caches.
+With more than one device (the mesh flags of experiments.common; --mesh_data=1 forces one) EPIG is scored
+with the pool split over the devices and factors estimated here run data-parallel; only process 0 writes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 
 from absl import app, flags, logging
 
-from experiments import bayesvlm, estimate_hessian
+from experiments import bayesvlm, common, estimate_hessian
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pool_dataset", "sandbox_shapes", "Registry dataset of the unlabelled pool.")
@@ -103,8 +105,11 @@ def check_settings(cfg: dict) -> None:
     raise ValueError(f"--knn_k={cfg['knn_k']}; expected a positive integer")
 
 
-def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
-  """The binary; returns {"zero_shot": metrics, "curves": {acquisition: {budget: [per-seed metrics]}}}."""
+def run(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dict:
+  """The binary; returns {"zero_shot": metrics, "curves": {acquisition: {budget: [per-seed metrics]}}}.
+
+  `mesh` (common.mesh_from_flags; None: one device): EPIG scoring and factor estimation data-parallel.
+  """
   import jax
   import numpy as np
 
@@ -123,9 +128,10 @@ def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
   started = time.time()
   config, params, tokenizer = estimate_hessian.load_model(cfg)
   fingerprint = features_lib.params_fingerprint(params)
-  feature_dir = pathlib.Path(cfg["feature_cache_dir"] or run_dir / "features")
+  feature_dir = bayesvlm.feature_cache_dir(cfg, run_dir)
   with RunDir(run_dir, cfg, tensorboard=False) as rd:
-    posts, lams, _, factors = bayesvlm.posteriors(cfg, config, params, tokenizer, run_dir, fingerprint)
+    posts, lams, _, factors = bayesvlm.posteriors(cfg, config, params, tokenizer, run_dir, fingerprint,
+                                                  mesh=mesh)
     pool_split, pool = _features(cfg, cfg["pool_dataset"], cfg["pool_split"], config, params, feature_dir,
                                  fingerprint, cfg["pool_size"], seed=0)
     target_split, target_all = _features(cfg, cfg["target_dataset"], cfg["target_split"], config, params,
@@ -153,8 +159,8 @@ def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
     n = float(cfg["pseudo_data_count"])
     lam = bayesvlm.parse_prior_precision(cfg["prior_precision"])
     lam_img = lams["img"] if lam == "stored" else lam
-    common = dict(pseudo_data_count=n, prior_precision=lam_img, evidence_mode=cfg["evidence_mode"])
-    zero_shot = active.evaluate_head(head0, factors["img"], problem, evaluation, eval_offset, **common)
+    settings = dict(pseudo_data_count=n, prior_precision=lam_img, evidence_mode=cfg["evidence_mode"])
+    zero_shot = active.evaluate_head(head0, factors["img"], problem, evaluation, eval_offset, **settings)
     print(f"pool {len(pool['labels'])} ({pool_split.dataset}/{pool_split.split}), targets {num_targets}, "
           f"eval {len(evaluation['labels'])} ({target_split.dataset}/{target_split.split})")
     print(f"zero-shot: MAP acc {100 * zero_shot['map']['accuracy']:.2f}%  nlpd {zero_shot['map']['nlpd']:.4f}  "
@@ -176,7 +182,7 @@ def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
           pool_offset=pool_offset, targets=targets, budget=max_budget, selection=cfg["selection"],
           knn_k=cfg["knn_k"], knn_metric=cfg["knn_metric"], rounds=cfg["rounds"],
           hessian_update_scale=cfg["hessian_update_scale"], online_lr=cfg["online_lr"],
-          num_samples=cfg["al_num_samples"], epig_targets=cfg["epig_targets"], **common)
+          num_samples=cfg["al_num_samples"], epig_targets=cfg["epig_targets"], mesh=mesh, **settings)
         selections[f"{acq}/seed{seed}"] = sel.indices.tolist()
         for budget in sorted(cfg["budgets"]):
           idx = sel.indices[:budget]
@@ -187,7 +193,7 @@ def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
             jax.random.fold_in(key_tune, budget), learning_rate=cfg["finetune_lr"],
             weight_decay=cfg["finetune_weight_decay"], epochs=cfg["finetune_epochs"],
             batch_size=cfg["finetune_batch_size"])
-          result = active.evaluate_head(head, updated, problem, evaluation, eval_offset, **common)
+          result = active.evaluate_head(head, updated, problem, evaluation, eval_offset, **settings)
           row = {**result["map"], **{f"bayes_{k}": v for k, v in result["bayes"].items()},
                  "classes_covered": float(len(np.unique(pool["labels"][idx])))}
           curves[acq][budget].append(row)
@@ -204,13 +210,15 @@ def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
     rd.write_json("zero_shot.json", zero_shot)
   paths = writer.write()
   table = curves_markdown(curves, zero_shot, cfg)
-  (run_dir / "curves.md").write_text(table)
   budgets = sorted(cfg["budgets"])
   plot = {acq: (budgets, [np.mean([r["accuracy"] for r in per[b]]) for b in budgets],
                 [np.std([r["accuracy"] for r in per[b]], ddof=1) if len(per[b]) > 1 else 0.0 for b in budgets])
           for acq, per in curves.items()}
-  plots.curves_png(run_dir / "curves.png", plot, xlabel="labelled pool images", ylabel="accuracy (MAP, eval)",
-                   title=f"{cfg['pool_dataset']} -> {cfg['target_dataset']}", baseline=zero_shot["map"]["accuracy"])
+  if rd.writes:  # process 0 only
+    (run_dir / "curves.md").write_text(table)
+    plots.curves_png(run_dir / "curves.png", plot, xlabel="labelled pool images", ylabel="accuracy (MAP, eval)",
+                     title=f"{cfg['pool_dataset']} -> {cfg['target_dataset']}",
+                     baseline=zero_shot["map"]["accuracy"])
   print(table)
   print(f"wrote {', '.join(paths.values())}, {run_dir / 'curves.png'} ({time.time() - started:.1f}s)")
   return {"zero_shot": zero_shot, "curves": curves, "selections": selections}
@@ -240,8 +248,11 @@ def curves_markdown(curves: dict, zero_shot: dict, cfg: dict) -> str:
 
 def main(argv):
   del argv
-  run_dir = FLAGS.run_dir or os.path.join("runs", "active_learning", time.strftime("%Y%m%d-%H%M%S"))
-  out = run(config_from_flags(), run_dir)
+  from bayesprompt.train.run_dir import timestamp
+
+  mesh = common.mesh_from_flags()  # first: jax.distributed must start before anything touches a device
+  run_dir = FLAGS.run_dir or os.path.join("runs", "active_learning", timestamp())
+  out = run(config_from_flags(), run_dir, mesh=mesh)
   logging.info("done: %s", json.dumps({"zero_shot": out["zero_shot"]}))
 
 

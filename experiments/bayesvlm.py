@@ -10,17 +10,18 @@ results.{md,csv,json}. Factors come from --factors_dir (the output of experiment
 estimated on the fly with the estimate_hessian flags (--captions, --num_pairs, --class_batch_size, ...).
 λ: --prior_precision=fit (Laplace evidence at --pseudo_data_count), =stored (the factors' fitted value),
 or a positive number. Image features are cached in --feature_cache_dir (resumable chunks).
+With more than one device (the mesh flags of experiments.common) factors estimated here run
+data-parallel (see experiments.estimate_hessian); only process 0 writes files.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import time
 
 from absl import app, flags, logging
 
-from experiments import estimate_hessian
+from experiments import common, estimate_hessian
 
 FLAGS = flags.FLAGS
 SANDBOX_DATASETS = ["sandbox_shapes", "sandbox_shapes_v2", "sandbox_shapes_sketch", "sandbox_shapes_a",
@@ -76,9 +77,10 @@ def load_factors(factors_dir: str | os.PathLike) -> tuple[dict, dict]:
   return factors, info
 
 
-def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, model_fingerprint: str | None = None):
+def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, model_fingerprint: str | None = None,
+               mesh=None):
   """({"img", "txt"}: TowerPosterior, {tower: λ}, factor info, {"img", "txt"}: KFACFactors), from
-  --factors_dir or estimated now."""
+  --factors_dir or estimated now (data-parallel over `mesh` if given)."""
   from bayesprompt.bayes import vlm
 
   lam_setting = parse_prior_precision(cfg["prior_precision"])
@@ -89,7 +91,7 @@ def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, mode
   else:
     logging.info("no --factors_dir: estimating the factors now")
     factors, info = estimate_hessian.estimate(cfg, config, params, tokenizer, run_dir / "hessian",
-                                              model_fingerprint=model_fingerprint)
+                                              model_fingerprint=model_fingerprint, mesh=mesh)
   posts, lams = {}, {}
   for tower in vlm.TOWERS:
     lam = lam_setting
@@ -139,8 +141,19 @@ def evaluate_dataset(cfg: dict, name: str, config, params, tokenizer, posts, fea
   return metrics, {k: np.exp(np.asarray(v)) for k, v in log_probs.items()}, labels
 
 
-def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
-  """The binary; returns {dataset: {"map": metrics, "bayesvlm": metrics}}."""
+def feature_cache_dir(cfg: dict, run_dir: pathlib.Path) -> pathlib.Path | None:
+  """Where image features are cached: --feature_cache_dir or <run_dir>/features, on process 0 only (the
+  other processes of a multi-host run compute the same features without writing them)."""
+  from bayesprompt.train.run_dir import is_primary_process
+
+  if not is_primary_process():
+    return None
+  return pathlib.Path(cfg["feature_cache_dir"] or run_dir / "features")
+
+
+def run(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dict:
+  """The binary; returns {dataset: {"map": metrics, "bayesvlm": metrics}}. `mesh`: estimate factors
+  data-parallel (when there is no --factors_dir)."""
   from bayesprompt.bayes import features as features_lib
   from bayesprompt.eval import plots
   from bayesprompt.eval.results import ResultsWriter
@@ -151,11 +164,11 @@ def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
   run_dir = pathlib.Path(run_dir)
   config, params, tokenizer = estimate_hessian.load_model(cfg)
   fingerprint = features_lib.params_fingerprint(params)
-  feature_dir = pathlib.Path(cfg["feature_cache_dir"] or run_dir / "features")
+  feature_dir = feature_cache_dir(cfg, run_dir)
   writer = ResultsWriter(run_dir, title=f"BayesVLM zero-shot ({cfg['checkpoint']}, n={cfg['pseudo_data_count']:g})")
   out = {}
   with RunDir(run_dir, cfg, tensorboard=False) as rd:
-    posts, lams, info, _ = posteriors(cfg, config, params, tokenizer, run_dir, fingerprint)
+    posts, lams, info, _ = posteriors(cfg, config, params, tokenizer, run_dir, fingerprint, mesh=mesh)
     rd.write_json("prior_precision.json", {**{f"lambda_{t}": v for t, v in lams.items()},
                                            "pseudo_data_count": cfg["pseudo_data_count"], "factors": info})
     print(f"λ_img={lams['img']:.6g}  λ_txt={lams['txt']:.6g}  n={cfg['pseudo_data_count']:g}")
@@ -168,8 +181,10 @@ def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
         print(f"{name:>22s} {method:>8s}: acc {100 * values['accuracy']:6.2f}%  nlpd {values['nlpd']:.4f}  "
               f"ece {values['ece']:.4f}  brier {values['brier']:.4f}  ({len(labels)} images)")
       rd.write_scalars(step, {f"{name}/{m}/{k}": v for m, vals in metrics.items() for k, v in vals.items()})
-      plots.reliability_png(run_dir / f"reliability_{name}.png", {"MAP": probs["map"], "BayesVLM": probs["bayesvlm"]},
-                            labels, title=f"{name}/{cfg['eval_split']}")
+      if rd.writes:
+        plots.reliability_png(run_dir / f"reliability_{name}.png",
+                              {"MAP": probs["map"], "BayesVLM": probs["bayesvlm"]}, labels,
+                              title=f"{name}/{cfg['eval_split']}")
   paths = writer.write()
   print(writer.markdown())
   print(f"wrote {', '.join(paths.values())}")
@@ -178,8 +193,11 @@ def run(cfg: dict, run_dir: str | os.PathLike) -> dict:
 
 def main(argv):
   del argv
-  run_dir = FLAGS.run_dir or os.path.join("runs", "bayesvlm", time.strftime("%Y%m%d-%H%M%S"))
-  run(config_from_flags(), run_dir)
+  from bayesprompt.train.run_dir import timestamp
+
+  mesh = common.mesh_from_flags()  # first: jax.distributed must start before anything touches a device
+  run_dir = FLAGS.run_dir or os.path.join("runs", "bayesvlm", timestamp())
+  run(config_from_flags(), run_dir, mesh=mesh)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,19 @@ import ast
 import dataclasses
 import json
 import pathlib
-import time
 
 from absl import flags, logging
 
 from bayesprompt.eval.results import ResultsWriter
 from bayesprompt.train import prompt_run
+from bayesprompt.train import run_dir as run_dir_lib
 
 FLAGS = flags.FLAGS
 
 
 def define_prompt_flags() -> None:
   defaults = prompt_run.PromptRunConfig()
-  flags.DEFINE_string("method", defaults.method, "Prompt learner: coop, cocoop, maple, mpl, vpt, vamp.")
+  flags.DEFINE_string("method", defaults.method, "Prompt learner: coop, cocoop, maple, mpl, vpt, vamp, apex, mmrl, vamp_mmrl.")
   flags.DEFINE_string("objective", defaults.objective, "Loss plug-in: ce or ove_pg.")
   flags.DEFINE_enum("protocol", defaults.protocol, list(prompt_run.PROTOCOLS),
                     "base2new, fewshot, xd (cross-dataset) or dg (domain generalisation).")
@@ -32,7 +32,8 @@ def define_prompt_flags() -> None:
   flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds; results are mean ± std over them.")
   flags.DEFINE_integer("epochs", defaults.epochs, "Training epochs.")
   flags.DEFINE_integer("batch_size", defaults.batch_size, "Training batch size.")
-  flags.DEFINE_enum("optimizer", defaults.optimizer, ["sgd", "adamw"], "Optimizer (Dassl: SGD, momentum 0.9).")
+  flags.DEFINE_enum("optimizer", defaults.optimizer, ["sgd", "adamw", "adadelta"],
+                    "Optimizer (Dassl: SGD, momentum 0.9; APEX: Adadelta).")
   flags.DEFINE_float("lr", defaults.lr, "Base learning rate (cosine per epoch after the warm-up epoch).")
   flags.DEFINE_float("weight_decay", defaults.weight_decay, "Weight decay.")
   flags.DEFINE_integer("warmup_epochs", defaults.warmup_epochs, "Constant warm-up epochs at --warmup_lr.")
@@ -119,7 +120,7 @@ def run_variants(variants: list[tuple[str, str, dict]], *, title: str) -> dict:
     # output a user wants (pass --verbosity=0 for the INFO logs).
     logging.set_verbosity(logging.WARNING)
   seeds = [int(s) for s in FLAGS.seeds][:1 if FLAGS.runlocal else None]
-  root = pathlib.Path(FLAGS.run_dir or f"runs/{FLAGS.protocol}_{FLAGS.dataset}_{int(time.time())}")
+  root = pathlib.Path(FLAGS.run_dir or f"runs/{FLAGS.protocol}_{FLAGS.dataset}_{run_dir_lib.timestamp()}")
   writer = ResultsWriter(root, title=title)
   all_results = {}
   for method, objective, objective_kwargs in variants:

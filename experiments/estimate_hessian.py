@@ -11,6 +11,12 @@ Writes into --output_dir:
   partial/step_<k>/     running sums after k class batches (an interrupted run resumes from there)
   config.json, git.json, metrics.jsonl   (bayesprompt.train.run_dir)
 The binary only wires flags: the work is bayesprompt.bayes.hessian.estimate_pair_factors.
+
+Data parallel with no flag: with more than one device (or process) the forward batches are split over
+all of them and the per-device KFAC sums all-reduced (the same factors as one device, up to float
+rounding). The mesh flags are the prompt binaries' (experiments.common): --mesh_data=1 forces one device;
+multi-host runs add --coordinator_address/--num_processes/--process_id (or --multi_host), each process
+reads its own share of the pairs, and only process 0 writes files.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import common
+
 FLAGS = flags.FLAGS
+common.define_mesh_flags()
 flags.DEFINE_string("checkpoint", "sandbox", "CLIP checkpoint: directory, .safetensors, or a registered name.")
 flags.DEFINE_string("tokenizer", None, "Tokenizer spec overriding the checkpoint's ('clip_bpe' or a word JSON).")
 flags.DEFINE_string("captions", "sandbox_world/captions", "TFDS image-caption dataset (name/config).")
@@ -67,11 +76,14 @@ def load_model(cfg: dict):
 
 
 def estimate(cfg: dict, config, params, tokenizer, output_dir: str | os.PathLike, *,
-             model_fingerprint: str | None = None) -> tuple[dict, dict]:
+             model_fingerprint: str | None = None, mesh=None) -> tuple[dict, dict]:
   """Estimates factors and fits λ per tower; writes output_dir/{factors, prior_precision.json}.
 
+  `mesh` (common.mesh_from_flags; None: one device): estimate data-parallel over its "data" axis.
   Returns ({"img", "txt"}: KFACFactors, info with lambda_img, lambda_txt, n_img, n_txt).
   """
+  import jax
+
   from bayesprompt.bayes import hessian, laplace, vlm
 
   if cfg["pseudo_data_count"] <= 0:
@@ -89,42 +101,51 @@ def estimate(cfg: dict, config, params, tokenizer, output_dir: str | os.PathLike
     params, config, pairs, tokenizer=tokenizer, num_pairs=num_pairs, class_batch_size=class_batch,
     batch_size=batch, seed=cfg["hessian_seed"], checkpoint_dir=output_dir / "partial",
     checkpoint_every=cfg["checkpoint_every"], num_threads=cfg["num_threads"], progress=cfg["progress"],
-    model_fingerprint=model_fingerprint)
+    model_fingerprint=model_fingerprint, mesh=mesh)
   n = float(cfg["pseudo_data_count"])
   for tower in vlm.TOWERS:
     _, lam = vlm.tower_posterior(factors[tower], params, config, tower, pseudo_data_count=n,
                                  prior_precision="fit", evidence_mode=cfg["evidence_mode"])
     info[f"lambda_{tower}"], info[f"n_{tower}"] = lam, n
   info.update(evidence_mode=cfg["evidence_mode"], checkpoint=str(cfg["checkpoint"]))
-  laplace.save_factors(output_dir / "factors", factors, info)
-  (output_dir / "prior_precision.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+  laplace.save_factors(output_dir / "factors", factors, info)  # every process: orbax's save is collective
+  if jax.process_index() == 0:
+    (output_dir / "prior_precision.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
   return factors, info
 
 
-def run(cfg: dict, output_dir: str | os.PathLike) -> dict:
-  """The binary: estimate, fit λ, write the run directory; returns the info dict."""
+def run(cfg: dict, output_dir: str | os.PathLike, mesh=None) -> dict:
+  """The binary: estimate (data-parallel over `mesh` if given), fit λ, write the run directory; returns
+  the info dict."""
+  import jax
+
   from bayesprompt.train.run_dir import RunDir
 
   started = time.time()
   config, params, tokenizer = load_model(cfg)
   with RunDir(output_dir, cfg, tensorboard=False) as rd:
-    factors, info = estimate(cfg, config, params, tokenizer, output_dir)
-    summary = {"seconds": time.time() - started, **{k: v for k, v in info.items()
-                                                      if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+    factors, info = estimate(cfg, config, params, tokenizer, output_dir, mesh=mesh)
+    summary = {"seconds": time.time() - started, "devices": 1 if mesh is None else mesh.shape["data"],
+               **{k: v for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
     rd.write_scalars(0, summary)
   for tower in ("img", "txt"):
     f = factors[tower]
     print(f"{tower}: A {tuple(f.a.shape)} B {tuple(f.b.shape)} N={int(f.num_data)}  "
           f"λ={info[f'lambda_{tower}']:.6g} (n={info[f'n_{tower}']:g}, {info['evidence_mode']})")
-  print(f"wrote {pathlib.Path(output_dir) / 'factors'} ({time.time() - started:.1f}s)")
+  where = "one device" if mesh is None else f"{mesh.shape['data']} devices, {jax.process_count()} process(es)"
+  print(f"wrote {pathlib.Path(output_dir) / 'factors'} ({time.time() - started:.1f}s, {where})")
   return info
 
 
 def main(argv):
   del argv
-  output_dir = FLAGS.output_dir or os.path.join("runs", "estimate_hessian", time.strftime("%Y%m%d-%H%M%S"))
-  logging.info("estimating KFAC factors -> %s", output_dir)
-  run(config_from_flags(), output_dir)
+  from bayesprompt.train.run_dir import timestamp
+
+  mesh = common.mesh_from_flags()  # first: jax.distributed must start before anything touches a device
+  output_dir = FLAGS.output_dir or os.path.join("runs", "estimate_hessian", timestamp())
+  logging.info("estimating KFAC factors -> %s (%s)", output_dir,
+               "one device" if mesh is None else f"data-parallel over {dict(mesh.shape)}")
+  run(config_from_flags(), output_dir, mesh=mesh)
 
 
 if __name__ == "__main__":

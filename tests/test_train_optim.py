@@ -48,6 +48,26 @@ def test_sgd_matches_torch_update_rule():
   chex.assert_trees_all_close(theta, ref_theta, atol=1e-6)
 
 
+def test_adadelta_matches_torch_update_rule():
+  """torch.optim.Adadelta(lr, rho=0.9, eps=1e-6, weight_decay=wd): g += wd·θ; v = ρv + (1-ρ)g²;
+  δ = sqrt(u + eps)/sqrt(v + eps)·g; u = ρu + (1-ρ)δ²; θ -= lr·δ."""
+  lr, wd, rho, eps = 0.15, 1e-3, 0.9, 1e-6
+  tx = optim.make_optimizer("adadelta", lr, weight_decay=wd)
+  theta = jnp.array([1.0, -2.0, 3.0])
+  state = tx.init(theta)
+  ref_theta, v, u = np.array(theta, np.float64), np.zeros(3), np.zeros(3)
+  for step in range(4):
+    grad = jnp.array([0.5, step * 1.0, -1.0])
+    updates, state = tx.update(grad, state, theta)
+    theta = optax.apply_updates(theta, updates)
+    g = np.asarray(grad, np.float64) + wd * ref_theta
+    v = rho * v + (1 - rho) * g**2
+    delta = np.sqrt(u + eps) / np.sqrt(v + eps) * g
+    u = rho * u + (1 - rho) * delta**2
+    ref_theta = ref_theta - lr * delta
+  chex.assert_trees_all_close(theta, ref_theta.astype(np.float32), atol=1e-6)
+
+
 class _Output:
   def __init__(self, logits, kl=0.0):
     self.logits, self.kl = jnp.asarray(logits), jnp.asarray(kl)

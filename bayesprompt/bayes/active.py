@@ -17,6 +17,12 @@ size, so one selection serves a whole learning curve.
                re-fitted, before the pool is scored again.
 Acquisition functions: random, entropy (of the probit predictive), BALD (K independent logit samples),
 EPIG (K joint samples of both projections, shared by pool and targets so the joint predictive is right).
+
+Data parallel (`mesh`): EPIG, the one acquisition whose cost grows with pool × targets (N·N*·K·C·C*
+flops), is scored with the pool split over the mesh's "data" axis (`bayes.distributed.epig_sharded`); the
+joint posterior draw stays on one device, so the scores equal the single-device ones up to float rounding.
+Random, entropy and BALD cost O(N·K·C) and stay on one device: splitting them would need the pool padded to
+a multiple of the device count, which changes their random draws.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 import optax
 
 from bayesprompt.bayes import acquisition, laplace, predictive, vlm
+from bayesprompt.bayes import distributed as bayes_distributed
 
 ACQUISITIONS = ("random", "entropy", "bald", "epig")
 SELECTIONS = ("direct", "targeted")
@@ -141,6 +148,7 @@ def acquisition_scores(
   *,
   num_samples: int = 32,
   max_working_bytes: int = 2**28,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   """Scores [N] of the candidates (higher = acquire first).
 
@@ -148,6 +156,9 @@ def acquisition_scores(
     method: one of ACQUISITIONS.
     candidates / targets: {"pre_projection" [N, d_in], "embeddings" [N, D]} (targets: EPIG only).
     num_samples: K posterior samples (BALD, EPIG).
+    max_working_bytes: EPIG's working-set budget (per device with a mesh).
+    mesh: score EPIG with the candidates split over this mesh's "data" axis (see the module docstring);
+      the scores come back replicated, readable on every process. None: one device.
   """
   if method not in ACQUISITIONS:
     raise ValueError(f"acquisition {method!r}; expected one of {ACQUISITIONS}")
@@ -160,8 +171,25 @@ def acquisition_scores(
   candidates = {k: jnp.asarray(candidates[k], jnp.float32) for k in ("pre_projection", "embeddings")}
   if targets is not None:
     targets = {k: jnp.asarray(targets[k], jnp.float32) for k in ("pre_projection", "embeddings")}
+  if method == "epig" and mesh is not None:
+    pool_probs, target_probs = _joint_probs(key, image_post, problem, candidates, targets, num_samples=num_samples)
+    return bayes_distributed.epig_sharded(pool_probs, target_probs, mesh, max_working_bytes=max_working_bytes,
+                                          gather=True)
   return _scores(method, key, image_post, problem, candidates, targets if method == "epig" else None,
                  num_samples=num_samples, max_working_bytes=max_working_bytes)
+
+
+def _joint_probs_impl(key, image_post, problem, candidates, targets, num_samples):
+  """([N, K, C], [N*, K, C]) probabilities of candidates and targets under the same K joint draws."""
+  # One draw for candidates and targets together: EPIG needs their samples to be jointly distributed.
+  n = candidates["embeddings"].shape[0]
+  phi = jnp.concatenate([jnp.asarray(candidates["pre_projection"]), jnp.asarray(targets["pre_projection"])])
+  emb = jnp.concatenate([jnp.asarray(candidates["embeddings"]), jnp.asarray(targets["embeddings"])])
+  probs = _sample_probs(key, image_post, problem, phi, emb, num_samples)
+  return probs[:n], probs[n:]
+
+
+_joint_probs = jax.jit(_joint_probs_impl, static_argnames=("num_samples",))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_samples", "max_working_bytes"))
@@ -177,11 +205,8 @@ def _scores(method, key, image_post, problem, candidates, targets, *, num_sample
     mean, var = vlm.logit_moments(image_post, problem.text_post, candidates, problem.text, problem.logit_scale,
                                   problem.logit_bias)
     return acquisition.bald(jax.nn.softmax(predictive.sample_logits(key, mean, var, num_samples), axis=-1))
-  # One draw for candidates and targets together: EPIG needs their samples to be jointly distributed.
-  phi = jnp.concatenate([jnp.asarray(candidates["pre_projection"]), jnp.asarray(targets["pre_projection"])])
-  emb = jnp.concatenate([jnp.asarray(candidates["embeddings"]), jnp.asarray(targets["embeddings"])])
-  probs = _sample_probs(key, image_post, problem, phi, emb, num_samples)
-  return acquisition.epig(probs[:n], probs[n:], max_working_bytes=max_working_bytes)
+  pool_probs, target_probs = _joint_probs_impl(key, image_post, problem, candidates, targets, num_samples)
+  return acquisition.epig(pool_probs, target_probs, max_working_bytes=max_working_bytes)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -347,6 +372,7 @@ def select(
   online_steps: int = 1,
   num_samples: int = 32,
   epig_targets: int | None = 256,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Selection:
   """Chooses `budget` pool points in `rounds` rounds (see the module docstring).
 
@@ -355,6 +381,8 @@ def select(
       selected points, by the online updates).
     targets: {"pre_projection", "embeddings"} of unlabelled test-domain inputs (EPIG, targeted selection).
     epig_targets: EPIG averages over a random subset of this many targets per round (None: all).
+    mesh: score EPIG data-parallel over this mesh (`acquisition_scores`); the selection equals one
+      device's up to ties broken by float rounding.
 
   Raises:
     ValueError: empty pool, budget outside [1, pool size], bad k, unknown method/selection.
@@ -395,11 +423,11 @@ def select(
     if selection == "direct":
       cands = {k: v[remaining] for k, v in pool_now.items()}
       scores = np.asarray(acquisition_scores(method, k_score, image_post, problem, cands, epig_set,
-                                             num_samples=num_samples))
+                                             num_samples=num_samples, mesh=mesh))
       new = remaining[np.argsort(-scores, kind="stable")[:size]]
     else:
-      scores = acquisition_scores(method, k_score, image_post, problem, targets_now, epig_set,
-                                  num_samples=num_samples)
+      scores = np.asarray(acquisition_scores(method, k_score, image_post, problem, targets_now, epig_set,
+                                             num_samples=num_samples, mesh=mesh))
       post = image_post.posterior
       target_var = laplace.embedding_variance(post, target_phi, add_bias=head.add_bias)
       pool_var = laplace.embedding_variance(post, pool["pre_projection"], add_bias=head.add_bias)

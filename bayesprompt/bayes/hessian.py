@@ -10,7 +10,17 @@ Resumability: after every `checkpoint_every` class batches the running sums of b
 of the next class batch are saved with orbax (`laplace.save_factors`) into checkpoint_dir/step_<k>; orbax
 finalises a checkpoint by renaming its temporary directory, so a crash never leaves a half-written step.
 A restart with the same settings (fingerprinted) continues after the latest complete step; different
-settings raise instead of mixing two estimates.
+settings raise instead of mixing two estimates. The sums are stored as host arrays, so a run may resume on
+another number of devices.
+
+Data parallel (`mesh`, from `bayesprompt.train.distributed.make_mesh`): every forward batch of
+`batch_size` pairs is split over the mesh's "data" axis. With several processes each reads only its own
+contiguous block of batch_size / num_processes pairs of every forward batch (`shard_batch` assembles the
+global batch in process order, so the class batch keeps its order). The towers run sharded, the class
+batch's embeddings are all-gathered as targets, and each device sums the KFAC terms of its own rows;
+`bayes.distributed.kfac_update_sharded` adds the per-device partial sums with one all-reduce. The result
+equals the single-device estimate up to the order of floating-point sums. Only process 0 deletes old
+partial steps (orbax coordinates the writes themselves).
 """
 
 from __future__ import annotations
@@ -24,12 +34,14 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
 
 from bayesprompt import clip
+from bayesprompt.bayes import distributed as bayes_distributed
 from bayesprompt.bayes import features as features_lib
 from bayesprompt.bayes import laplace, vlm
 from bayesprompt.data import preprocess
@@ -153,6 +165,7 @@ def estimate_pair_factors(
   num_threads: int = 8,
   progress: bool = True,
   model_fingerprint: str | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[dict[str, laplace.KFACFactors], dict[str, Any]]:
   """KFAC factors {"img", "txt"} of both projections over `num_pairs` pairs (all if None).
 
@@ -164,6 +177,9 @@ def estimate_pair_factors(
     seed: the shuffle of the pairs.
     checkpoint_dir: where partial sums go (None: no checkpoints, no resume).
     checkpoint_every: class batches between checkpoints.
+    mesh: run data-parallel over this mesh's "data" axis (see the module docstring); `batch_size` is then
+      the global forward batch and must be a multiple of the data axis size and of the process count.
+      None: one device.
 
   Returns:
     ({"img": KFACFactors, "txt": KFACFactors}, info: num_pairs, class_batch_size, likelihood, dims).
@@ -201,7 +217,6 @@ def estimate_pair_factors(
   first_batch = 0
   directory = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir)
   if directory is not None:
-    directory.mkdir(parents=True, exist_ok=True)
     latest = _latest_step(directory)
     if latest is not None:
       stored, info = laplace.load_factors(latest)
@@ -214,35 +229,36 @@ def estimate_pair_factors(
       first_batch = int(info["next_batch"])
       logging.info("resuming KFAC estimation at class batch %d/%d from %s", first_batch, num_batches, latest)
 
+  forward = _OneDeviceForward(params, config, batch_size) if mesh is None else (
+    _ShardedForward(params, config, batch_size, mesh))
   bar = tqdm.tqdm(total=num_pairs, initial=min(num_pairs, first_batch * class_batch_size), disable=not progress,
                   desc=f"KFAC {pairs.name}", unit="pair")
   size = config.vision.image_size
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     for index in range(first_batch, num_batches):
       batch_ids = order[index * class_batch_size : (index + 1) * class_batch_size]
-      feats: dict[str, dict[str, list[np.ndarray]]] = {"img": {}, "txt": {}}
+      feats: dict[str, dict[str, list[Any]]] = {"img": {}, "txt": {}}
       for start in range(0, len(batch_ids), batch_size):
-        images, captions = pairs.read(batch_ids[start : start + batch_size])
-        pixels = np.stack(list(pool.map(lambda im: preprocess.eval_image(im, size), images)))
-        n = len(pixels)
-        ids = np.asarray(tokenizer(captions, context_length=config.text.context_length))
-        if n < batch_size:  # pad to one compiled shape
-          pixels = np.concatenate([pixels, np.zeros((batch_size - n, *pixels.shape[1:]), pixels.dtype)])
-          ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - n, axis=0)])
-        image_out = features_lib.image_features(params, config, pixels)
-        text_out = features_lib.text_features(params, config, ids, batch_size=batch_size)
-        for tower, out in (("img", image_out), ("txt", text_out)):
-          for k in ("pre_projection", "embeddings"):
-            feats[tower].setdefault(k, []).append(out[k][:n])
-        bar.update(n)
-      stacked = {t: {k: np.concatenate(v) for k, v in feats[t].items()} for t in vlm.TOWERS}
+        rows = forward.rows(batch_ids, start)
+        if len(rows):
+          images, captions = pairs.read(rows)
+          pixels = np.stack(list(pool.map(lambda im: preprocess.eval_image(im, size), images)))
+          ids = np.asarray(tokenizer(captions, context_length=config.text.context_length))
+        else:  # a process whose block of the last forward batch is all padding
+          pixels = np.zeros((0, size, size, 3), np.float32)
+          ids = np.zeros((0, config.text.context_length), np.int32)
+        for tower, out in forward(pixels, ids).items():
+          for k, v in out.items():
+            feats[tower].setdefault(k, []).append(v)
+        bar.update(min(batch_size, len(batch_ids) - start))
       for tower, other in (("img", "txt"), ("txt", "img")):
-        states[tower] = laplace.kfac_update(
+        states[tower] = forward.accumulate(
           states[tower],
-          stacked[tower]["pre_projection"],
-          stacked[tower]["embeddings"],
-          stacked[other]["embeddings"],
-          logit_scale,
+          forward.concatenate(feats[tower]["pre_projection"]),
+          forward.concatenate(feats[tower]["embeddings"]),
+          forward.concatenate(feats[other]["embeddings"]),
+          num_valid=len(batch_ids),
+          logit_scale=logit_scale,
           likelihood=likelihood,
           logit_bias=logit_bias,
           add_bias=add_bias[tower],
@@ -252,7 +268,9 @@ def estimate_pair_factors(
       if directory is not None and (done % checkpoint_every == 0 or done == num_batches):
         _save_partial(directory, states, {"fingerprint": fingerprint, "settings": settings, "next_batch": done})
   bar.close()
-  factors = {t: laplace.kfac_finalize(states[t]) for t in vlm.TOWERS}
+  # Host copies (replicated sums are readable on every process): the factors of a sharded run are the same
+  # single-device arrays a one-device run returns.
+  factors = {t: laplace.kfac_finalize(_to_host(states[t])) for t in vlm.TOWERS}
   info = {
     "num_pairs": num_pairs,
     "class_batch_size": int(class_batch_size),
@@ -266,10 +284,93 @@ def estimate_pair_factors(
   return factors, info
 
 
+def _to_host(state: laplace.KFACState) -> laplace.KFACState:
+  return laplace.KFACState(*(np.asarray(x) for x in state))
+
+
 def _save_partial(directory: pathlib.Path, states: dict[str, laplace.KFACState], info: dict[str, Any]) -> None:
+  """Every process calls this (orbax's save is collective); only process 0 deletes the previous step."""
   step = directory / f"step_{info['next_batch']:06d}"
-  sums = {t: laplace.KFACFactors(s.a_sum, s.b_sum, s.num_data) for t, s in states.items()}
-  laplace.save_factors(step, sums, info)
+  laplace.save_factors(step, {t: laplace.KFACFactors(*_to_host(s)) for t, s in states.items()}, info)
+  if jax.process_index() != 0:
+    return
   for old in directory.glob("step_*"):  # keep only the newest complete step
     if old != step and _STEP.match(old.name):
       shutil.rmtree(old, ignore_errors=True)
+
+
+class _OneDeviceForward:
+  """Both towers on one device; every forward batch padded to `batch_size` rows (one compiled shape)."""
+
+  def __init__(self, params: Any, config: clip.CLIPConfig, batch_size: int):
+    self._params, self._config, self._batch_size = params, config, batch_size
+
+  def rows(self, batch_ids: np.ndarray, start: int) -> np.ndarray:
+    """The pair indices of the forward batch at `start` that this process reads."""
+    return batch_ids[start : start + self._batch_size]
+
+  def __call__(self, pixels: np.ndarray, ids: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    n = len(pixels)
+    if n < self._batch_size:  # pad to one compiled shape
+      pixels = np.concatenate([pixels, np.zeros((self._batch_size - n, *pixels.shape[1:]), pixels.dtype)])
+      ids = np.concatenate([ids, np.repeat(ids[-1:], self._batch_size - n, axis=0)])
+    image_out = features_lib.image_features(self._params, self._config, pixels)
+    text_out = features_lib.text_features(self._params, self._config, ids, batch_size=self._batch_size)
+    return {tower: {k: out[k][:n] for k in ("pre_projection", "embeddings")}
+            for tower, out in (("img", image_out), ("txt", text_out))}
+
+  @staticmethod
+  def concatenate(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts)
+
+  @staticmethod
+  def accumulate(state, features, embeddings, targets, *, num_valid, logit_scale, **kwargs) -> laplace.KFACState:
+    del num_valid  # the single-device path drops padding rows in __call__
+    return laplace.kfac_update(state, features, embeddings, targets, logit_scale, **kwargs)
+
+
+class _ShardedForward(_OneDeviceForward):
+  """Both towers over a mesh: each process reads its block of every forward batch, the batch is split over
+  "data", the outputs stay sharded global arrays (padding rows included, at the class batch's end)."""
+
+  def __init__(self, params: Any, config: clip.CLIPConfig, batch_size: int, mesh: jax.sharding.Mesh):
+    from bayesprompt.train import distributed as mesh_lib
+
+    self._config, self._batch_size, self._mesh = config, batch_size, mesh
+    self._local = mesh_lib.check_global_batch(batch_size, mesh)  # rows per process per forward batch
+    self._shard_batch = mesh_lib.shard_batch
+    rows = mesh_lib.batch_sharding(mesh)
+    self._params = mesh_lib.place_clip(params, mesh)
+
+    def towers(params, pixels, ids):
+      image, image_out = clip.image_tower(params, pixels, config=config)
+      text, text_out = clip.text_tower(params, ids, config=config)
+      return {"img": {"pre_projection": image_out["pre_projection"].astype(jnp.float32),
+                      "embeddings": image.astype(jnp.float32)},
+              "txt": {"pre_projection": text_out["pre_projection"].astype(jnp.float32),
+                      "embeddings": text.astype(jnp.float32)}}
+
+    self._towers = jax.jit(towers, in_shardings=(mesh_lib.clip_shardings(params, mesh), rows, rows),
+                           out_shardings=rows)
+
+  def rows(self, batch_ids: np.ndarray, start: int) -> np.ndarray:
+    first = start + jax.process_index() * self._local
+    return batch_ids[first : min(first + self._local, start + self._batch_size)]
+
+  def __call__(self, pixels: np.ndarray, ids: np.ndarray) -> dict[str, dict[str, jax.Array]]:
+    n = len(pixels)
+    if n < self._local:  # padding rows: dropped by `num_valid` in accumulate
+      pixels = np.concatenate([pixels.astype(np.float32),
+                               np.zeros((self._local - n, *pixels.shape[1:]), np.float32)])
+      ids = np.concatenate([ids, np.zeros((self._local - n, ids.shape[1]), ids.dtype)]).astype(np.int32)
+    batch = self._shard_batch({"pixels": pixels, "ids": ids}, self._mesh)
+    return self._towers(self._params, batch["pixels"], batch["ids"])
+
+  @staticmethod
+  def concatenate(parts: list[jax.Array]) -> jax.Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+  def accumulate(self, state, features, embeddings, targets, *, num_valid, logit_scale,
+                 **kwargs) -> laplace.KFACState:
+    return bayes_distributed.kfac_update_sharded(state, features, embeddings, targets, logit_scale, self._mesh,
+                                                 num_valid=num_valid, num_targets=num_valid, **kwargs)

@@ -693,12 +693,17 @@ def _fit_log_prior_precision(posterior, weight_sq_norm, log_lo, log_hi, mode, nu
 def save_factors(
   directory: str | pathlib.Path, factors: Mapping[str, KFACFactors], info: Mapping[str, Any] | None = None
 ) -> pathlib.Path:
-  """Writes factors (e.g. {"img": ..., "txt": ...}) and JSON metadata (n, λ, model name) with orbax."""
+  """Writes factors (e.g. {"img": ..., "txt": ...}) and JSON metadata (n, λ, model name) with orbax.
+
+  Every leaf is written as a host NumPy array: orbax's save is collective and writes NumPy arrays from process 0
+  only, so every process of a multi-host run can call this (a process-local jax.Array could not be saved
+  there), and host arrays restore on any number of devices (a replicated global array's sharding would not).
+  """
   import orbax.checkpoint as ocp  # Imported lazily: orbax is slow to import and only needed here.
 
   directory = pathlib.Path(directory).absolute()
   tree = {
-    name: {"a": f.a, "b": f.b, "num_data": jnp.asarray(f.num_data, jnp.float32)}
+    name: {"a": np.asarray(f.a), "b": np.asarray(f.b), "num_data": np.asarray(f.num_data, np.float32)}
     for name, f in factors.items()
   }
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())

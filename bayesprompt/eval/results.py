@@ -7,6 +7,8 @@ for a single seed) over seeds. Base-to-new, as CoOp's `parse_test_res.py` and ev
     mean of per-seed HMs (whose spread is reported as its std);
   - the "average" row over datasets: the mean of each dataset's mean, and its "hm" is HM(average base,
     average new) -- not the mean of the per-dataset HMs.
+
+Multi-process runs: every process may collect rows (they hold the same values); only process 0 writes.
 """
 
 from __future__ import annotations
@@ -34,12 +36,21 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
   return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
+def _is_primary_process() -> bool:
+  import jax  # lazily: aggregating tables needs no accelerator runtime
+
+  return jax.process_index() == 0
+
+
 class ResultsWriter:
   """Collects per-seed metrics and writes results.{md,csv,json} into `run_dir`."""
 
-  def __init__(self, run_dir: str | os.PathLike, title: str = "Results"):
+  def __init__(self, run_dir: str | os.PathLike, title: str = "Results", *, write: bool | None = None):
+    """`write`: whether `write()` writes files (default: only on JAX process 0; the others return the paths
+    without touching the file system)."""
     self.run_dir = os.fspath(run_dir)
     self.title = title
+    self._write = write
     self._rows: dict[tuple[str, str, int], dict[str, float]] = {}
 
   def add(self, dataset: str, seed: int, metrics: Mapping[str, float], split: str = "all") -> None:
@@ -182,9 +193,12 @@ class ResultsWriter:
     return {"title": self.title, "runs": runs, "summary": summary}
 
   def write(self) -> dict[str, str]:
-    """Writes results.md, results.csv (the summary) and results.json (runs + summary); returns the paths."""
-    os.makedirs(self.run_dir, exist_ok=True)
+    """Writes results.md, results.csv (the summary) and results.json (runs + summary); returns the paths
+    (on processes other than 0 nothing is written)."""
     paths = {ext: os.path.join(self.run_dir, f"results.{ext}") for ext in ("md", "csv", "json")}
+    if not (_is_primary_process() if self._write is None else self._write):
+      return paths
+    os.makedirs(self.run_dir, exist_ok=True)
     with open(paths["md"], "w", encoding="utf-8") as f:
       f.write(self.markdown())
     with open(paths["csv"], "w", encoding="utf-8", newline="") as f:

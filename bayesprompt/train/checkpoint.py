@@ -8,6 +8,9 @@ What it adds to orbax:
   * the run's configuration stored beside the steps (`run_config.json`), and a check that a resumed run
     uses the same configuration — resuming with other hyper-parameters silently mixes two runs.
 
+Multi-process runs: every process calls `save` / `restore` (orbax coordinates them and writes each
+replicated array once); the stored run config is written by process 0 only and read by every process.
+
 A state is any pytree of arrays (params, optax state, step counters). Typed PRNG keys are not arrays orbax
 can store: keep raw uint32 keys (`jax.random.key_data`) or derive randomness from the step.
 """
@@ -66,7 +69,10 @@ def check_config_matches(directory: str | os.PathLike, config: Mapping[str, Any]
 
 
 def write_config(directory: str | os.PathLike, config: Mapping[str, Any]) -> None:
-  """Writes `config` as the directory's stored run config (atomically: temporary file + rename)."""
+  """Writes `config` as the directory's stored run config (atomically: temporary file + rename); a no-op
+  on JAX processes other than 0."""
+  if jax.process_index() != 0:
+    return
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   tmp = directory / (RUN_CONFIG_FILE + ".tmp")

@@ -38,7 +38,8 @@ def dassl_cosine_schedule(base_lr: float, num_epochs: int, steps_per_epoch: int,
 
 def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 5e-4,
                    momentum: float = 0.9, max_grad_norm: float | None = None) -> optax.GradientTransformation:
-  """"sgd": torch-style SGD (coupled weight decay, heavy-ball momentum); "adamw": decoupled AdamW."""
+  """"sgd": torch-style SGD (coupled weight decay, heavy-ball momentum); "adamw": decoupled AdamW;
+  "adadelta": torch-style Adadelta (coupled weight decay, rho 0.9, eps 1e-6; APEX's recipe)."""
   if weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
   chain = []
@@ -50,6 +51,8 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *, weight_d
     chain.append(optax.sgd(learning_rate, momentum=momentum or None))
   elif name == "adamw":
     chain.append(optax.adamw(learning_rate, weight_decay=weight_decay))
+  elif name == "adadelta":
+    chain.append(optax.adadelta(learning_rate, rho=0.9, eps=1e-6, weight_decay=weight_decay))
   else:
-    raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
+    raise ValueError(f"unknown optimizer {name!r}; expected 'sgd', 'adamw' or 'adadelta'")
   return optax.chain(*chain)

@@ -9,6 +9,9 @@ Layout of `RunDir(path, config)`:
 
 Metrics JSONL is append-only: a resumed run keeps appending to the same file, so a step may appear twice
 around a resume point (`read_metrics` merges the records of a step, later values winning).
+
+Multi-process runs (`jax.distributed`): only process 0 writes; on the others a RunDir is a no-op writer
+(same calls, nothing created), so every process runs the same code.
 """
 
 from __future__ import annotations
@@ -45,6 +48,28 @@ def git_revision(path: str | os.PathLike | None = None) -> dict[str, Any]:
           "dirty": bool(status.strip()) if status is not None else None}
 
 
+def is_primary_process() -> bool:
+  """True on the process that writes files: process 0 of a multi-process JAX run, or the only process."""
+  import jax
+
+  return jax.process_index() == 0
+
+
+def timestamp(fmt: str = "%Y%m%d-%H%M%S") -> str:
+  """`time.strftime(fmt)` of process 0 on every process (default run directory names must agree across
+  hosts: their clocks may tick over between processes)."""
+  import jax
+
+  stamp = time.strftime(fmt)
+  if jax.process_count() == 1:
+    return stamp
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  raw = np.frombuffer(stamp.encode().ljust(64), np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).decode().strip()
+
+
 def _jsonable(value: Any) -> Any:
   """Scalars from numpy/jax arrays become Python numbers; non-finite floats stay as floats (JSON NaN)."""
   if hasattr(value, "item") and getattr(value, "size", 1) == 1:
@@ -58,20 +83,26 @@ class RunDir:
   """Writes a run's config, git revision and metrics (see the module docstring)."""
 
   def __init__(self, path: str | os.PathLike, config: Mapping[str, Any] | None = None, *,
-               tensorboard: bool = True):
+               tensorboard: bool = True, write: bool | None = None):
     """Args:
       path: the run directory (created if needed; an existing one is appended to, for resumed runs).
       config: resolved flags / config to record (JSON-able values; others are written with str()).
       tensorboard: also write TensorBoard event files (if tensorboardX is installed).
+      write: whether this process writes (default: `is_primary_process()`); False makes every method a
+        no-op (`write_json` still returns the path).
     """
     self.path = pathlib.Path(path).expanduser()
+    self.writes = is_primary_process() if write is None else bool(write)
+    self._metrics = None
+    self._tb = None
+    if not self.writes:
+      return
     self.path.mkdir(parents=True, exist_ok=True)
     if config is not None:
       record = {"config": dict(config), "argv": list(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
       (self.path / CONFIG_FILE).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
       (self.path / GIT_FILE).write_text(json.dumps(git_revision(), indent=1) + "\n")
     self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-    self._tb = None
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -86,6 +117,8 @@ class RunDir:
     for reserved in ("step", "time"):
       if reserved in values:
         raise ValueError(f"{reserved!r} is a reserved metrics key")
+    if not self.writes:
+      return
     record = {"step": int(step), "time": time.time(), **values}
     self._metrics.write(json.dumps(record) + "\n")
     self._metrics.flush()
@@ -98,11 +131,13 @@ class RunDir:
   def write_json(self, name: str, data: Any) -> pathlib.Path:
     """Writes `data` as path/name (e.g. a final results file)."""
     path = self.path / name
-    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    if self.writes:
+      path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
     return path
 
   def close(self) -> None:
-    self._metrics.close()
+    if self._metrics is not None:
+      self._metrics.close()
     if self._tb is not None:
       self._tb.close()
 
