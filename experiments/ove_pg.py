@@ -19,7 +19,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_prompt_flags()
-flags.DEFINE_list("methods", ["coop"], "Prompt learners to compare (coop, cocoop, maple, mpl, vpt, vamp).")
+flags.DEFINE_list("methods", ["coop"], "Prompt learners to compare (any of prompts.methods(): coop, cocoop, maple, mpl, vpt, vamp, apex, ...).")
 flags.DEFINE_list("ove_modes", ["corrected", "faithful"], "OVE-PG modes to run besides CE.")
 flags.DEFINE_bool("with_ce", True, "Also train each method with cross-entropy (the baseline row).")
 

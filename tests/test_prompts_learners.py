@@ -465,7 +465,7 @@ def test_jitted_step_reaches_exactly_the_learner_params_and_transfers_to_new_cla
 
 def test_bad_input_raises_clear_errors(world):
   config, clip_params = world["config"], world["params"]
-  with pytest.raises(ValueError, match="unknown prompt-learning method 'cop'.*cocoop, coop, maple, mpl, vamp, vpt"):
+  with pytest.raises(ValueError, match="unknown prompt-learning method 'cop'.*apex, cocoop, coop, maple, mmrl, mpl, vamp, vamp_mmrl, vpt"):
     prompts.make_learner("cop", config)
   with pytest.raises(TypeError, match="unknown hyper-parameter.*'depht'"):
     prompts.make_learner("maple", config, depht=3)

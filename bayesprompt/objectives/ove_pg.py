@@ -3,8 +3,10 @@
 Wraps `bayesprompt.bayes.ove.ove_pg_loss` (the pure loss on [n, C] logits) for a learner's LearnerOutput:
 Monte Carlo samples of the learner (S > 1 for VPT / VaMP) are averaged, the frozen zero-shot CLIP logits
 `teacher_logits` [B, C] feed the λ₁ teacher term, and a variational learner's KL is added with its recipe
-weight. Training batches carry no padding (the train pipeline drops the remainder); padded rows (label -1)
-are rejected rather than silently mis-scored.
+weight. A second head (MMRL's representation head, `output.aux_logits`) gets the same loss with its own keys
+and the same teacher, the two weighted (1 - w, w) by `output.aux_weight`; `output.aux_loss` (a learner's
+already weighted extra terms) is added as is. Training batches carry no padding (the train pipeline drops the
+remainder); padded rows (label -1) are rejected rather than silently mis-scored.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bayesprompt.bayes import ove
+from bayesprompt.objectives import ce
 
 MODES = ("corrected", "faithful")
 OMEGA_SOURCES = ("prior_mean", "prior_sample", "posterior_gibbs")
@@ -61,9 +64,17 @@ class OvePG:
                              omega_source=self.omega_source, mode=self.mode)
 
     losses, aux = jax.vmap(one_sample)(keys, logits)
+    likelihood, head_metrics = jnp.mean(losses), {}
+    if getattr(output, "aux_logits", None) is not None:
+      # The second head gets the same OVE-PG loss (its own keys, the same teacher), weighted by aux_weight.
+      aux_keys = jax.random.split(jax.random.fold_in(rng, 1), output.aux_logits.shape[0])
+      aux_losses, _ = jax.vmap(one_sample)(aux_keys, output.aux_logits)
+      likelihood = ce.combine_heads(likelihood, jnp.mean(aux_losses), output.aux_weight, head_metrics,
+                                    "ove_pg")
     kl_weight = default_kl_weight if self.kl_weight is None else self.kl_weight
-    loss = jnp.mean(losses) + kl_weight * output.kl
+    loss = ce.add_aux_loss(likelihood + kl_weight * output.kl, output, head_metrics)
     accuracy = jnp.mean((jnp.argmax(jnp.mean(logits, axis=0), -1) == labels).astype(jnp.float32))
     metrics = {"loss": loss, "kl": output.kl, "train_accuracy": accuracy}
     metrics.update({k: jnp.mean(v) for k, v in aux.items() if jnp.ndim(v) <= 1})
+    metrics.update(head_metrics)
     return loss, metrics

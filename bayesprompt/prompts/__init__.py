@@ -1,4 +1,5 @@
-"""Prompt learners on one deep-prompt engine: coop, cocoop, maple, mpl, vpt (Bayesian Prompt Learning), vamp.
+"""Prompt learners on one deep-prompt engine: coop, cocoop, maple, mpl, vpt (Bayesian Prompt Learning), vamp, apex,
+mmrl, vamp_mmrl.
 
     learner = make_learner("coop", clip_config, n_ctx=4, ctx_init="a photo of a")
     class_state = learner.prepare_classes(clip_params, classnames, templates="a photo of a {}.")
@@ -8,14 +9,18 @@
 """
 
 from bayesprompt.prompts import engine
+from bayesprompt.prompts.apex import APEX
 from bayesprompt.prompts.base import LearnerOutput, PromptLearner, make_learner, methods
 from bayesprompt.prompts.coop import CoCoOp, CoOp
 from bayesprompt.prompts.engine import ClassState, PromptLayout
 from bayesprompt.prompts.maple import MPL, MaPLe
+from bayesprompt.prompts.mmrl import MMRL
 from bayesprompt.prompts.vamp import VaMP
+from bayesprompt.prompts.vamp_mmrl import VaMPMMRL
 from bayesprompt.prompts.vpt import VPT
 
 __all__ = [
+    "APEX", "MMRL", "VaMPMMRL",
     "MPL", "VPT", "ClassState", "CoCoOp", "CoOp", "LearnerOutput", "MaPLe", "PromptLayout", "PromptLearner",
     "VaMP", "engine", "make_learner", "methods",
 ]

@@ -172,7 +172,7 @@ def make_learner(method: str, clip_config: clip.CLIPConfig, **hparams: Any) -> P
   """The learner of a method name with its hyper-parameters (defaults: the method's paper recipe).
 
   Args:
-    method: one of `methods()`: coop, cocoop, maple, mpl, vpt, vamp.
+    method: one of `methods()`: coop, cocoop, maple, mpl, vpt, vamp, apex, mmrl, ...
     clip_config: the frozen CLIP's config.
     **hparams: the learner's dataclass fields (see each learner's docstring).
   Raises:

@@ -27,16 +27,15 @@ log-variances start at 0 (σ = 1: the scale of the N(0, I) test prior, as BPL st
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bayesprompt.clip import edits as edits_lib
 from bayesprompt.prompts import engine
 from bayesprompt.prompts.base import LearnerOutput, Params, PromptLearner, register
+from bayesprompt.prompts.mmrl import insert_then_replace, prompted_layer_range, template_prepare_classes
 from bayesprompt.prompts.vpt import require_rng
 
 
@@ -95,37 +94,20 @@ class VaMP(PromptLearner):
   kl_weight: float = 1.0
 
   def __post_init__(self):
-    config = self.clip_config
-    layers = min(config.text.layers, config.vision.layers)
-    first = max(layers // 2 - 1, 0) if self.first_layer is None else self.first_layer
-    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
-      raise ValueError(f"vamp: first_layer must be an int >= 0, got {first!r}")
-    depth = (layers - first) if self.depth is None else self.depth
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-      raise ValueError(f"vamp: depth must be an int >= 1, got {depth!r}")
-    for name, tower_layers in (("text", config.text.layers), ("vision", config.vision.layers)):
-      if first + depth > tower_layers:
-        raise ValueError(f"vamp: prompted layers {first}..{first + depth - 1} (first_layer={first}, depth={depth}) "
-                         f"exceed the {name} tower's {tower_layers} layers (0..{tower_layers - 1})")
+    first, depth = prompted_layer_range(self.method, self.clip_config, self.first_layer, self.depth)
     object.__setattr__(self, "first_layer", first)
     object.__setattr__(self, "depth", depth)
     for name in ("n_tokens", "num_train_samples", "num_test_samples"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"vamp: {name} must be an int >= 1, got {value!r}")
+        raise ValueError(f"{self.method}: {name} must be an int >= 1, got {value!r}")
     engine.as_templates(self.template)
 
-  def _layout(self, template: str | None = None) -> engine.PromptLayout:
-    return engine.PromptLayout(n_ctx=0, template=template or self.template)
+  def _layout(self) -> engine.PromptLayout:
+    return engine.PromptLayout(n_ctx=0, template=self.template)
 
-  def prepare_classes(self, clip_params: Params, classnames: Sequence[str],
-                      templates: str | Sequence[str] | None = None,
-                      class_prototypes: jax.Array | np.ndarray | None = None) -> engine.ClassState:
-    """As `PromptLearner.prepare_classes`; the text input is the first template (else `self.template`)."""
-    template = engine.as_templates(templates)[0] if templates is not None else None
-    return engine.prepare_class_state(clip_params, self.clip_config, self._layout(template), classnames,
-                                      templates=templates, class_prototypes=class_prototypes,
-                                      full_context=self.full_context)
+  # The text input is the first template given to prepare_classes (else `self.template`).
+  prepare_classes = template_prepare_classes
 
   @property
   def touches_image_tower(self) -> bool:
@@ -188,20 +170,18 @@ class VaMP(PromptLearner):
   def text_edits(self, z: jax.Array) -> dict:
     """Text schedule from per-sequence prompts z [H, M_seq, M, W_t]: inserted after SOS at layer J, then
     replaced in place at the later prompted layers."""
-    schedule = {}
-    for h, layer in enumerate(self.prompted_layers):
-      schedule[layer] = [edits_lib.insert(z[h], position=1) if h == 0 else edits_lib.replace(z[h], position=1)]
-    return schedule
+    return insert_then_replace(self.prompted_layers, z, position=1)
 
   def _check_inputs(self, class_state, images, rng, train, labels) -> None:
     require_rng(self.method, rng)
     if train and self.class_aware_prior:
       if labels is None or class_state.class_prototypes is None:
-        raise ValueError("vamp: training with the class-aware prior needs labels [B] and class prototypes "
-                         "(prepare_classes(..., class_prototypes=[C, D] mean frozen image features per class)); "
-                         "set class_aware_prior=False for an N(0, I) prior")
+        raise ValueError(f"{self.method}: training with the class-aware prior needs labels [B] and class "
+                         "prototypes (prepare_classes(..., class_prototypes=[C, D] mean frozen image features per "
+                         "class)); set class_aware_prior=False for an N(0, I) prior")
       if jnp.shape(labels) != images.shape[:1]:
-        raise ValueError(f"vamp: labels must be [{images.shape[0]}] (one per image), got shape {jnp.shape(labels)}")
+        raise ValueError(f"{self.method}: labels must be [{images.shape[0]}] (one per image), "
+                         f"got shape {jnp.shape(labels)}")
 
   def _kl(self, learner_params, class_state, mean, log_var, train, labels):
     if train and self.class_aware_prior:
@@ -216,15 +196,27 @@ class VaMP(PromptLearner):
             images: jax.Array, rng: jax.Array | None = None, train: bool = False,
             labels: jax.Array | None = None) -> LearnerOutput:
     self._check_inputs(class_state, images, rng, train, labels)
-    config = self.clip_config
-    num_samples = self.num_samples(train)
     frozen = self._frozen_image_features(clip_params, images)  # [B, D], the condition f_x
-    image = engine.image_features(clip_params, config, images, edits=self.vision_edits(learner_params))
+    image = engine.image_features(clip_params, self.clip_config, images,
+                                  edits=self.vision_edits(learner_params))
     mean, log_var = self.posterior(learner_params, frozen)  # [H, B, M, W_t]
-    batch, num_classes = frozen.shape[0], class_state.num_classes
-    eps = jax.random.normal(rng, (num_samples, *mean.shape), jnp.float32)
-    z = mean + jnp.exp(0.5 * log_var) * eps  # [S, H, B, M, W_t]
+    z = self.sample_prompts(rng, mean, log_var, train)  # [S, H, B, M, W_t]
+    text = self.sampled_text_features(clip_params, class_state, z)  # [S, B, C, D]
+    logits = engine.logits(clip_params, image, text, per_image=True)  # [S, B, C]
+    kl = self._kl(learner_params, class_state, mean, log_var, train, labels)
+    return LearnerOutput(logits=logits, kl=kl, image_features=image, frozen_image_features=frozen)
 
+  def sample_prompts(self, rng: jax.Array, mean: jax.Array, log_var: jax.Array, train: bool) -> jax.Array:
+    """z = mean + σ ⊙ ε, [S, H, B, M, W_t] (S = num_samples(train)), from the posterior [H, B, M, W_t]."""
+    eps = jax.random.normal(rng, (self.num_samples(train), *mean.shape), jnp.float32)
+    return mean + jnp.exp(0.5 * log_var) * eps
+
+  def sampled_text_features(self, clip_params: Params, class_state: engine.ClassState,
+                            z: jax.Array) -> jax.Array:
+    """Normalised text features [S, B, C, D] of the class prompts with per-image prompts z [S, H, B, M, W_t]
+    (the text schedule `text_edits`), S x B x C sequences in one tower call per sample."""
+    config = self.clip_config
+    batch, num_classes = z.shape[2], class_state.num_classes
     seq_pool = jnp.broadcast_to(class_state.pool_index, (batch, num_classes)).reshape(-1)  # [B·C]
     if self.share_text_prefix:
       hidden = engine.text_hidden_states(clip_params, config, class_state.token_embeddings, class_state.pool_index,
@@ -242,7 +234,4 @@ class VaMP(PromptLearner):
         feats = engine.text_features(clip_params, config, sequences, seq_pool, self.text_edits(tokens))
       return feats.reshape(batch, num_classes, -1)
 
-    text = jax.vmap(sample_text_features)(z)  # [S, B, C, D]
-    logits = engine.logits(clip_params, image, text, per_image=True)  # [S, B, C]
-    kl = self._kl(learner_params, class_state, mean, log_var, train, labels)
-    return LearnerOutput(logits=logits, kl=kl, image_features=image, frozen_image_features=frozen)
+    return jax.vmap(sample_text_features)(z)  # [S, B, C, D]
