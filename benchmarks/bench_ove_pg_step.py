@@ -11,12 +11,16 @@ CoOp learner already has (no second image-tower pass).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from anywhere
 
 import bayesprompt.clip as clip
 from bayesprompt.objectives import make_objective

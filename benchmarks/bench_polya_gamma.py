@@ -1,4 +1,4 @@
-"""Benchmark of the Pólya-Gamma sampler and the OVE-PG loss against references measured in the same run.
+"""Benchmark of the Pólya-Gamma sampler against polyagamma's C sampler, measured in the same run.
 
 1. PG(1, c) throughput: the jitted JAX sampler (`sample_polya_gamma`, float32) vs polyagamma's C Devroye
    sampler (`random_polyagamma(1, c, method="devroye")`, float64, one thread), 10⁶ draws per call, for fixed
@@ -7,9 +7,7 @@
    The machine is shared (other jobs inflate wall times 1.5–4x at random), so the CPU-time ratio is the stable
    figure; JAX may use both cores, polyagamma uses one, so the wall ratio favours JAX on an idle machine.
    (|c| stays ≤ 50: polyagamma 2.0.2's Devroye sampler returns ≈ 0.16 for every draw beyond |c| ≈ 175.)
-2. Peak memory of loss + gradient w.r.t. the logits (XLA's compiled memory_analysis: arguments + outputs +
-   temporaries) for OVE-PG vs softmax cross-entropy at C = 1000, batch 32, and the official code's
-   n×C×(C−1) OVE tensors for scale. Also the time of loss + gradient for both.
+The OVE-PG loss's peak memory against cross-entropy is measured by benchmarks/bench_ove_pg_memory.py.
 
 Usage:
   python -m benchmarks.bench_polya_gamma
@@ -26,15 +24,12 @@ import numpy as np
 from absl import app, flags
 from polyagamma import random_polyagamma
 
-from bayesprompt.bayes.ove import ove_pg_loss
 from bayesprompt.bayes.polya_gamma import sample_polya_gamma
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_draws", 1_000_000, "PG(1, c) draws per timed call")
 flags.DEFINE_integer("repeats", 5, "interleaved timed repetitions (the minimum is kept)")
 flags.DEFINE_string("key_impl", "threefry2x32", "JAX PRNG implementation for the sampler's key")
-flags.DEFINE_integer("classes", 1000, "classes C for the loss memory comparison")
-flags.DEFINE_integer("batch", 32, "batch n for the loss memory comparison")
 
 
 def _time(fn, repeats):
@@ -75,57 +70,10 @@ def bench_sampler():
   print("ratio = JAX throughput / polyagamma throughput (> 1: JAX faster)")
 
 
-def _memory(fn, *args):
-  analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
-  total = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-  return total, analysis.temp_size_in_bytes
-
-
-def bench_loss_memory():
-  n, num_classes = FLAGS.batch, FLAGS.classes
-  rng = np.random.default_rng(1)
-  logits = jnp.asarray(10 * rng.standard_normal((n, num_classes)), jnp.float32)
-  teacher = jnp.asarray(10 * rng.standard_normal((n, num_classes)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, num_classes, n), jnp.int32)
-  key = jax.random.key(0)
-
-  def ce(logits, teacher, labels, key):
-    del teacher, key
-    log_probs = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
-
-  def ove_pg(source):
-    def loss(logits, teacher, labels, key):
-      return ove_pg_loss(key, logits, teacher, labels, omega_source=source)[0]
-
-    return loss
-
-  rows = [("softmax cross-entropy", ce)] + [(f"OVE-PG ({s})", ove_pg(s)) for s in
-                                            ("prior_mean", "prior_sample", "posterior_gibbs")]
-  print(f"\nloss + grad w.r.t. logits, C = {num_classes}, batch {n}, float32 (XLA memory_analysis; time best "
-        f"of {FLAGS.repeats})")
-  print(f"{'loss':<28}{'peak bytes':>12}{'temp bytes':>12}{'vs CE':>8}{'wall':>10}{'cpu':>10}")
-  reference = None
-  args = (logits, teacher, labels, key)
-  for name, fn in rows:
-    grad_fn = jax.value_and_grad(fn)
-    total, temp = _memory(grad_fn, *args)
-    compiled = jax.jit(grad_fn)
-    jax.block_until_ready(compiled(*args))
-    wall, cpu = _time(lambda compiled=compiled: jax.block_until_ready(compiled(*args)), FLAGS.repeats)
-    reference = reference or total
-    timing = f"{wall * 1e3:>8.2f}ms{cpu * 1e3:>8.2f}ms"
-    print(f"{name:<28}{total:>12,}{temp:>12,}{total / reference:>7.2f}x{timing}")
-  official = 2 * n * num_classes * (num_classes - 1) * 4
-  print(f"(the official code's two n·C·(C−1) float32 OVE tensors alone: {official:,} bytes = "
-        f"{official / reference:.0f}x CE)")
-
-
 def main(argv):
   del argv
   print(f"jax {jax.__version__}, devices {jax.devices()}")
   bench_sampler()
-  bench_loss_memory()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,14 @@ Random numbers (part of the contract, so the loss can be reproduced outside). Th
 c ≠ y_i in an [n, C] layout (the y_i column unused): k_omega, k_eps = split(rng);
 ε[m] = normal(split(k_eps, M)[m], [n, C]) (as `pg_posterior_sample` draws); sampled
 ω = sample_polya_gamma(k_omega, 1, ψ⁰_full, shape=[M, n, C]) with ψ⁰_full[i, c] = ψ⁰ of the pair (i, c) and 0
-in column y_i.
+in column y_i. (Raw uint32 keys are read with the default PRNG implementation, as jax.random does.)
+
+Memory: with M = 1, loss + gradient w.r.t. the logits hold no [n, C] float intermediate beyond the inputs
+and the gradient (XLA's memory analysis: 0.75x softmax cross-entropy at C = 1000, batch 32, the teacher logits
+included; faithful mode adds the official κ as an [n, C] bool; benchmarks/bench_ove_pg_memory.py). How: a
+custom JVP whose gradient is one elementwise expression, sums computed one pass at a time, and ε drawn inside
+each pass from the key (`_ove_pg_terms`, `_ove_pg_terms_impl`, `_normals_from_key_data`). The sampled ω
+sources add the ω array and the PG sampler's working set.
 
 Bad input: shapes, dtypes and static options are validated at trace time (ValueError/TypeError naming the
 value). Value checks (labels in [0, C), α ≥ 0, λ₁ ≥ 0) run eagerly wherever the values are concrete (Python
@@ -45,11 +52,14 @@ OVE logits NaN and a negative α or λ₁ makes the loss NaN — loud, never sil
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from bayesprompt.bayes.polya_gamma import polya_gamma_mean, sample_polya_gamma
 
@@ -207,17 +217,265 @@ def official_kappa(labels: Array, num_classes: int) -> Array:
   return jnp.where(labels[flat % n] == labels[:, None], 0.5, -0.5)
 
 
-def _official_kappa_full(labels: Array, num_classes: int) -> Array:
-  """`official_kappa` in the [n, C] layout: entry (i, c ≠ y_i) holds the κ of pair h = c − [c > y_i]."""
+def _official_kappa_positive(labels: Array, num_classes: int) -> Array:
+  """Where `official_kappa` is +½, in the [n, C] layout: [n, C] bool, entry (i, c ≠ y_i) for pair
+  h = c − [c > y_i] (column y_i: don't care).
+
+  Pair (i, h) reads sample j = (r_i + h) mod n, r_i = i·(C − 1) mod n: along a row the pattern
+  P[i, t] = [y_{(r_i + t) mod n} = y_i] repeats with period n. So the [n, C] array is two tiled [n, n] tables
+  (P for c < y_i, P shifted by one for c > y_i): no gather with an [n, C] index array (which XLA-CPU
+  materialises as int32, an [n, C] buffer).
+  """
+  labels = jnp.asarray(labels)
   n = labels.shape[0]
+  rows = jnp.arange(n)
+  start = (rows * (num_classes - 1)) % n
+  pattern = labels[(start[:, None] + rows[None, :]) % n] == labels[:, None]  # P [n, n]
+  reps = -(-num_classes // n)
+
+  def tile(table):  # [n, n] → [n, C]: entry (i, c) = table[i, c mod n]
+    return jnp.broadcast_to(table[:, None, :], (n, reps, n)).reshape(n, reps * n)[:, :num_classes]
+
   classes = jnp.arange(num_classes)[None, :]
-  pair = classes - (classes > labels[:, None])
-  flat = jnp.arange(n)[:, None] * (num_classes - 1) + pair
-  return jnp.where(labels[flat % n] == labels[:, None], 0.5, -0.5)
+  return jnp.where(classes > labels[:, None], tile(jnp.roll(pattern, 1, axis=1)), tile(pattern))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Standard normals that fuse into their consumers.
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_FUSED_NORMAL_BITS = {np.dtype(np.float32): (np.uint32, 32, 23), np.dtype(np.float64): (np.uint64, 64, 52)}
+
+
+def _threefry2x32(key0: Array, key1: Array, count_hi: Array, count_lo: Array) -> tuple[Array, Array]:
+  """Threefry-2x32 (20 rounds) unrolled, bit-identical to JAX's `threefry2x32` primitive.
+
+  JAX lowers that primitive on CPU to a rolled `while` loop whose [M, n, C] state XLA must materialise (~4
+  [n, C] buffers for one normal draw); unrolled it is elementwise uint32 arithmetic that XLA fuses into each
+  consumer, so the noise costs no memory.
+  """
+  keys = (key0, key1, key0 ^ key1 ^ np.uint32(0x1BD11BDA))
+  x0, x1 = count_hi + keys[0], count_lo + keys[1]
+  for block in range(5):
+    for rotation in _THREEFRY_ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = (x1 << np.uint32(rotation)) | (x1 >> np.uint32(32 - rotation))
+      x1 = x0 ^ x1
+    x0 = x0 + keys[(block + 1) % 3]
+    x1 = x1 + keys[(block + 2) % 3] + np.uint32(block + 1)
+  return x0, x1
+
+
+def _fusable_key_data(keys: Array, shape: tuple[int, ...], dtype: Any) -> Array | None:
+  """Key data [M, 2] uint32 if `_normals_from_key_data` reproduces `normal(keys[m], shape, dtype)`, else None.
+
+  That holds for threefry2x32 keys (JAX's default) under `jax_threefry_partitionable` (the default since JAX
+  0.5), float32/float64 and fewer than 2³² elements per draw; anything else takes `jax.random.normal`.
+  """
+  if not jax.config.jax_threefry_partitionable or np.dtype(dtype) not in _FUSED_NORMAL_BITS:
+    return None
+  if math.prod(shape) >= 2**32 or str(jax.random.key_impl(keys)) != "threefry2x32":
+    return None
+  return jax.random.key_data(keys)
+
+
+def _normals_from_key_data(key_data: Array, shape: tuple[int, ...], dtype: Any) -> Array:
+  """[M, *shape] standard normals, bit-identical to vmap(lambda k: jax.random.normal(k, shape, dtype))(keys).
+
+  Same steps as `jax.random.normal` (threefry bits of the flat element index, mantissa bits → uniform on
+  [nextafter(−1, 0), 1), √2·erf⁻¹), written elementwise; see `_threefry2x32` for why.
+  """
+  dtype = np.dtype(dtype)
+  uint_dtype, bits_width, mantissa_bits = _FUSED_NORMAL_BITS[dtype]
+  full_shape = (key_data.shape[0], *shape)
+  index = jnp.zeros(full_shape, np.uint32)  # flat element index within one draw (the 64-bit count's low word)
+  for axis, stride in enumerate(np.cumprod((1, *shape[:0:-1]))[::-1]):
+    index = index + jax.lax.broadcasted_iota(np.uint32, full_shape, axis + 1) * np.uint32(stride)
+  key0 = key_data[:, 0].reshape((-1,) + (1,) * len(shape))
+  key1 = key_data[:, 1].reshape((-1,) + (1,) * len(shape))
+  bits0, bits1 = _threefry2x32(key0, key1, jnp.zeros_like(index), index)
+  if bits_width == 32:
+    bits = bits0 ^ bits1
+  else:
+    bits = (bits0.astype(uint_dtype) << uint_dtype(32)) | bits1.astype(uint_dtype)
+  one_bits = np.array(1.0, dtype).view(uint_dtype)
+  mantissa = (bits >> uint_dtype(bits_width - mantissa_bits)) | one_bits
+  floats = jax.lax.bitcast_convert_type(mantissa, dtype) - np.array(1.0, dtype)
+  low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype))
+  uniform = jnp.maximum(low, floats * (np.array(1.0, dtype) - low) + low)
+  return np.array(np.sqrt(2), dtype) * jax.lax.erf_inv(uniform)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The loss.
+
+
+class _LossConfig(NamedTuple):
+  """Static options of `_ove_pg_terms`."""
+
+  mode: str
+  omega_source: str
+  num_samples: int
+  fused_noise: bool  # noise = key data [M, 2] (ε drawn in place), else ε [M, n, C]
+
+
+def _pair_pieces(config: _LossConfig, logits, teacher, omega, kappa_positive, labels, noise,
+                 alpha) -> dict[str, Array]:
+  """Elementwise pieces of one Monte Carlo sample on the [n, C] pair layout (pair (i, c) at column c ≠ y_i).
+
+  Args: as `_ove_pg_terms`, with omega [n, C] (this sample's sampled ω) or None and noise this sample's key
+  data [2] or ε [n, C]. Returns a dict of [n, C] arrays (κ may be a scalar).
+  """
+  dtype = logits.dtype
+  num_classes = logits.shape[1]
+  in_range = (labels >= 0) & (labels < num_classes)
+  label_index = jnp.clip(labels, 0, num_classes - 1)[:, None]
+  is_pair = jnp.arange(num_classes)[None, :] != label_index  # [n, C]: c ≠ y_i
+
+  def ove_full(f):
+    psi = jnp.take_along_axis(f, label_index, axis=1) - f
+    return jnp.where(in_range[:, None], psi, jnp.nan)  # traced bad labels → NaN rows
+
+  psi = ove_full(logits)
+  if config.omega_source == "posterior_gibbs" or teacher is None:
+    psi_for_omega = jax.lax.stop_gradient(psi)
+  else:
+    psi_for_omega = ove_full(jax.lax.stop_gradient(teacher))
+  if config.mode == "faithful":
+    omega = official_pg_mean(psi_for_omega)
+    kappa = jnp.where(kappa_positive, 0.5, -0.5).astype(dtype)
+  else:
+    kappa = 0.5
+    if config.omega_source == "prior_mean":
+      omega = polya_gamma_mean(1, psi_for_omega).astype(dtype)
+  omega = jax.lax.stop_gradient(omega)
+  eps = _normals_from_key_data(noise[None], logits.shape, dtype)[0] if config.fused_noise else noise
+  precision = omega + alpha
+  std = jax.lax.rsqrt(precision)
+  sample = (alpha * psi + kappa) / precision + std * eps  # ψ' = μ + σ·ε
+  return dict(psi=psi, is_pair=is_pair, omega=omega, kappa=kappa, eps=eps, precision=precision, std=std,
+              sample=sample)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))  # eager callers: one compiled call, not hundreds of ops
+def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, noise, alpha,
+                       logits_dot=None, teacher_dot=None, alpha_dot=None):
+  """(nll, teacher_reg, omega_mean, ove_nll) and, given any tangent, their JVP (see `_ove_pg_terms`).
+
+  Tangents: None for a zero tangent (a symbolic zero in the JVP rule); all None returns the values only.
+
+  How the memory stays low. Every sum is a pass over the [n, C] pairs that recomputes the elementwise pieces
+  it needs from the inputs (ε included: `_normals_from_key_data`); the passes run one at a time as the
+  branches of a `lax.switch` inside a `lax.map` over pass indices. Written as plain code instead, XLA would
+  keep each expensive piece two sums share (divide, rsqrt, erf⁻¹, exp) as a full [n, C] buffer rather than
+  recompute it, and schedules the sums' materialised inputs (XLA-CPU's sums read one) side by side; in the
+  loop only one pass's [n, C] term exists at a time, and XLA places it in the gradient's output buffer, which
+  is not yet written. The gradient is one more elementwise pass. (A single variadic reduce over all terms
+  needs no buffer either, but XLA-CPU runs it as scalar code, ~5x slower.)
+  """
+  n, num_classes = logits.shape
+  num_samples = config.num_samples
+  scale = 1.0 / (num_samples * n)
+  sampled_omega = omega_sampled is not None
+
+  def pieces(sample, inputs):
+    logits, teacher, omega, kappa_positive, labels, noise, alpha = inputs
+    omega = None if omega is None else omega[sample]
+    return _pair_pieces(config, logits, teacher, omega, kappa_positive, labels, noise[sample], alpha)
+
+  def pair_term(fn, sample=0):
+    """inputs → fn(pieces of `sample`, inputs) on the pairs, 0 in column y_i; [n, C]."""
+    def term(inputs):
+      p = pieces(sample, inputs)
+      return jnp.where(p["is_pair"], fn(p, inputs), 0.0)
+
+    return term
+
+  def slope(p, inputs):
+    # ∂(−log σ(ψ'))/∂ψ' = −σ(−ψ'), ∂ψ'/∂ψ = α/(ω + α): the NLL's derivative w.r.t. ψ is −slope.
+    return jax.nn.sigmoid(-p["sample"]) * (inputs[-1] / p["precision"])
+
+  def alpha_term(p, inputs):
+    # ∂ψ'/∂α = (ψ·ω − κ)/(ω + α)² − ½·ε·(ω + α)^{−3/2}.
+    d_sample = (p["psi"] * p["omega"] - p["kappa"]) / jnp.square(p["precision"]) - (
+        0.5 * p["eps"] * p["std"] / p["precision"])
+    return -jax.nn.sigmoid(-p["sample"]) * d_sample
+
+  terms = {"ove": pair_term(lambda p, _: jax.nn.log_sigmoid(jax.lax.stop_gradient(p["psi"])))}
+  if teacher is not None:
+    terms["teacher"] = lambda inputs: jnp.square(inputs[0] - inputs[1])
+  for sample in range(num_samples if sampled_omega else 1):
+    terms[f"omega{sample}"] = pair_term(lambda p, _: p["omega"], sample)
+  for sample in range(num_samples):
+    terms[f"nll{sample}"] = pair_term(lambda p, _: -jax.nn.log_sigmoid(p["sample"]), sample)
+    if alpha_dot is not None:
+      terms[f"alpha{sample}"] = pair_term(alpha_term, sample)
+    if logits_dot is not None:
+      terms[f"slope{sample}"] = pair_term(slope, sample)
+  inputs = (logits, teacher, omega_sampled, kappa_positive, labels, noise, alpha)
+  branches = [lambda inputs, fn=fn: jnp.sum(fn(inputs), axis=-1) for fn in terms.values()]  # row sums [n]
+  rows = jax.lax.map(lambda index: jax.lax.switch(index, branches, inputs), jnp.arange(len(branches)))
+  sums = dict(zip(terms, rows, strict=True))
+
+  def total(prefix, count):
+    return sum(jnp.sum(sums[f"{prefix}{sample}"]) for sample in range(count))
+
+  nll = total("nll", num_samples) * scale
+  ove_nll = -jnp.sum(sums["ove"]) / n
+  omega_draws = num_samples if sampled_omega else 1
+  omega_mean = total("omega", omega_draws) / (omega_draws * n * (num_classes - 1))
+  teacher_reg = jnp.zeros((), nll.dtype) if teacher is None else jnp.sum(sums["teacher"]) / (n * num_classes)
+  primal_out = (nll, teacher_reg, omega_mean, ove_nll)
+  if logits_dot is None and teacher_dot is None and alpha_dot is None:
+    return primal_out
+
+  zero = jnp.zeros((), nll.dtype)
+  nll_dot, reg_dot = zero, zero
+  if logits_dot is not None:
+    # ψ_{i,c} = f_{i,y_i} − f_{i,c}: column c ≠ y_i gets +slope, column y_i gets −Σ_c slope. A row whose
+    # label is out of range (NaN loss) gets 0, as autodiff through its NaN mask gives (padding rows).
+    row_slope = sum(sums[f"slope{sample}"] for sample in range(num_samples))[:, None]
+    is_pair = jnp.arange(num_classes)[None, :] != jnp.clip(labels, 0, num_classes - 1)[:, None]
+    pair_slope = sum(pair_term(slope, sample)(inputs) for sample in range(num_samples))
+    in_range = ((labels >= 0) & (labels < num_classes))[:, None]
+    grad = jnp.where(in_range, jnp.where(is_pair, pair_slope, -row_slope) * scale, 0.0)
+    nll_dot = nll_dot + jnp.sum(grad * logits_dot)
+  if alpha_dot is not None:
+    nll_dot = nll_dot + total("alpha", num_samples) * scale * alpha_dot
+  if teacher is not None:
+    residual = (2.0 / (n * num_classes)) * (logits - teacher)
+    if logits_dot is not None:
+      reg_dot = reg_dot + jnp.sum(residual * logits_dot)
+    if teacher_dot is not None:
+      reg_dot = reg_dot - jnp.sum(residual * teacher_dot)
+  return primal_out, (nll_dot, reg_dot, zero, zero)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _ove_pg_terms(config: _LossConfig, logits, teacher, omega_sampled, kappa_positive, labels, noise, alpha):
+  """(nll, teacher_reg, omega_mean, ove_nll) of `ove_pg_loss`, scalars, with a hand-written derivative.
+
+  Args (validated by the caller): logits [n, C]; teacher [n, C] or None; omega_sampled [M, n, C] (sampled ω
+  sources) or None; kappa_positive [n, C] bool, where the official κ is +½ (faithful mode), or None; labels
+  [n] int; noise: threefry key data [M, 2] uint32 (config.fused_noise) or ε [M, n, C]; alpha a scalar of the
+  logits' dtype.
+
+  Why a custom derivative: under autodiff XLA keeps ~7 [n, C] intermediates alive (ω, μ, σ, the sigmoid,
+  the one-hot scatter of the true-class row, …), 3x the memory of softmax cross-entropy at C = 1000
+  (benchmarks/bench_ove_pg_memory.py), and autodiff of the pass loop in `_ove_pg_terms_impl` would stack
+  residuals per pass. Here the gradient w.r.t. the logits is one elementwise expression (+slope on the
+  pairs, −Σ_c slope on the true class), recomputed from the inputs. Derivatives: exact w.r.t. logits (any
+  order, forward and reverse: the rule is plain JAX), alpha, and teacher (through teacher_reg only); ω, κ and
+  the ψ⁰ behind ω are constants (stop_gradient), as in the autodiff formulation; omega_mean and ove_nll have
+  zero derivative.
+  """
+  return _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, noise, alpha)
+
+
+@functools.partial(_ove_pg_terms.defjvp, symbolic_zeros=True)
+def _ove_pg_terms_jvp(config, primals, tangents):
+  logits_dot, teacher_dot, *_, alpha_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+  return _ove_pg_terms_impl(config, *primals, logits_dot, teacher_dot, alpha_dot)
 
 
 def ove_pg_loss(
@@ -236,6 +494,10 @@ def ove_pg_loss(
 
   L = −(1/(M·n)) Σ_m Σ_i Σ_{c≠y_i} log σ(ψ'^{(m)}_{i,c}) + λ₁·mean_{i,c}(f_{i,c} − f⁰_{i,c})²,
   ψ'^{(m)} = μ + σ·ε^{(m)}, μ = (α·ψ + κ)/(ω + α), σ² = 1/(ω + α), ψ the OVE logits of `logits`.
+
+  Memory: loss + gradient w.r.t. the logits hold O(1) [n, C] buffers beyond the inputs and the gradient (a
+  custom JVP, `_ove_pg_terms`; ε drawn in place, `_normals_from_key_data`), plus the sampler's buffers for
+  the sampled ω sources.
 
   Args:
     rng: PRNG key (ε, and ω for the sampled sources; see the module docstring for the exact key use).
@@ -289,55 +551,38 @@ def ove_pg_loss(
   labels = jnp.asarray(labels)
   dtype = logits.dtype
   n, num_classes = logits.shape
-  # The loss works on the [n, C] layout ψ_{i,c} = f_{i,y_i} − f_{i,c} with the c = y_i column masked out, not
-  # on the gathered [n, C−1] array: everything stays elementwise, so XLA fuses the forward and backward passes
-  # (no gather/scatter pair, no [n, C−1] residuals) and the loss + gradient needs little more memory than CE.
-  in_range = (labels >= 0) & (labels < num_classes)
-  label_index = jnp.clip(labels, 0, num_classes - 1)[:, None]
-  is_pair = jnp.arange(num_classes)[None, :] != label_index  # [n, C]: c ≠ y_i
-
-  def ove_full(f):
-    psi = jnp.take_along_axis(f, label_index, axis=1) - f
-    return jnp.where(in_range[:, None], psi, jnp.nan)  # traced bad labels → NaN rows
-
-  psi = ove_full(logits)
+  num_samples = int(num_samples)
   teacher = None if teacher_logits is None else jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype))
-  if omega_source == "posterior_gibbs" or teacher is None:
-    psi_for_omega = jax.lax.stop_gradient(psi)
-  else:
-    psi_for_omega = ove_full(teacher)
-
+  if not jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # a raw uint32 key: the default implementation, as jax.random does
   key_omega, key_eps = jax.random.split(rng)
-  if mode == "faithful":
-    omega = official_pg_mean(psi_for_omega)
-    kappa = _official_kappa_full(label_index[:, 0], num_classes).astype(dtype)
-  else:
-    kappa = 0.5
-    if omega_source == "prior_mean":
-      omega = polya_gamma_mean(1, psi_for_omega).astype(dtype)
-    else:
-      shape = (num_samples, n, num_classes)
-      tilt = jnp.where(is_pair, psi_for_omega, 0.0)
-      omega = sample_polya_gamma(key_omega, 1, tilt, shape=shape, dtype=dtype)
-  omega = jax.lax.stop_gradient(omega)
-  precision = omega + alpha
-  mean = (alpha * psi + kappa) / precision  # [n, C] or [M, n, C]
-  eps = _standard_normals(key_eps, num_samples, (n, num_classes), dtype)  # [M, n, C]
-  log_lik = jax.nn.log_sigmoid(mean + jax.lax.rsqrt(precision) * eps)
-  nll = -jnp.sum(jnp.where(is_pair, log_lik, 0.0)) / (num_samples * n)
+  eps_keys = jax.random.split(key_eps, num_samples)
 
-  if teacher is None:
-    teacher_reg = jnp.zeros((), dtype)
-    loss = nll
+  label_index = jnp.clip(labels, 0, num_classes - 1)[:, None]
+  omega_sampled = kappa_positive = None
+  if mode == "faithful":
+    # Computed once here: its index arithmetic inside the passes' fusions makes XLA-CPU emit scalar code.
+    kappa_positive = _official_kappa_positive(label_index[:, 0], num_classes)
+  elif omega_source != "prior_mean":
+    # The sampler's ψ⁰ in the [n, C] layout (0 in column y_i, ignored; NaN rows for traced bad labels).
+    source = logits if (omega_source == "posterior_gibbs" or teacher is None) else teacher
+    in_range = ((labels >= 0) & (labels < num_classes))[:, None]
+    tilt = jnp.where(in_range, jnp.take_along_axis(source, label_index, axis=1) - source, jnp.nan)
+    tilt = jax.lax.stop_gradient(tilt)
+    omega_sampled = jax.lax.stop_gradient(
+        sample_polya_gamma(key_omega, 1, tilt, shape=(num_samples, n, num_classes), dtype=dtype))
+
+  key_data = _fusable_key_data(eps_keys, (n, num_classes), dtype)
+  if key_data is None:
+    noise = jax.vmap(lambda key: jax.random.normal(key, (n, num_classes), dtype))(eps_keys)  # [M, n, C]
   else:
-    teacher_reg = jnp.mean(jnp.square(logits - teacher))
-    loss = nll + teacher_weight * teacher_reg
+    noise = key_data
+  config = _LossConfig(mode, omega_source, num_samples, key_data is not None)
+  nll, teacher_reg, omega_mean, ove_nll = _ove_pg_terms(
+      config, logits, teacher, omega_sampled, kappa_positive, labels, noise, jnp.asarray(alpha, dtype))
+
+  loss = nll if teacher is None else nll + teacher_weight * teacher_reg
   # Traced negative α or λ₁ cannot raise under jit: make the loss NaN instead of silently wrong.
   loss = jnp.where((jnp.asarray(alpha) >= 0) & (jnp.asarray(teacher_weight) >= 0), loss, jnp.nan)
-  aux = {
-      "nll": nll,
-      "teacher_reg": teacher_reg,
-      "omega_mean": jnp.sum(jnp.where(is_pair, omega, 0.0)) / (omega.size // num_classes * (num_classes - 1)),
-      "ove_nll": -jnp.sum(jnp.where(is_pair, jax.nn.log_sigmoid(jax.lax.stop_gradient(psi)), 0.0)) / n,
-  }
+  aux = {"nll": nll, "teacher_reg": teacher_reg, "omega_mean": omega_mean, "ove_nll": ove_nll}
   return loss, aux
