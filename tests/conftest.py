@@ -40,3 +40,15 @@ def binary_module(*names: str):
     for name in set(sys.modules) - before_modules:
       if name.startswith("experiments.") and name != "experiments.common":
         del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """Turns XLA's optimisation passes off for a test module of tiny towers, where they cost far more than they
+  save (~4x compile time). Opt in per module: `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
+  import jax
+
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)

@@ -16,7 +16,6 @@ import pytest
 
 import bayesprompt.clip as clip
 import bayesprompt.prompts as prompts
-from bayesprompt.clip.tokenizer import WordTokenizer
 from bayesprompt.objectives import make_objective
 from bayesprompt.prompts import engine
 from bayesprompt.prompts.apex import adaptive_ensemble_weights
@@ -26,40 +25,25 @@ from tests.test_prompts_learners import (
   LABELS,
   OTHER_CLASSNAMES,
   TEMPLATE,
-  WORDS,
-  random_clip_params,
+  tiny_world,
 )
 
 IMAGE_SIZE, PATCH = 16, 8
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """Tiny towers: XLA's optimisation passes cost far more than they save."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny towers: XLA's optimisation passes cost far more than they save.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-  tokenizer = WordTokenizer(WORDS, context_length=20)
-  path = tmp_path_factory.mktemp("tokenizer") / "words.json"
-  tokenizer.to_json(path)
-  config = clip.CLIPConfig(
-      vision=clip.VisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, width=32, layers=4, heads=2,
-                               mlp_dim=64),
-      text=clip.TextConfig(vocab_size=tokenizer.vocab_size, context_length=20, width=32, layers=3, heads=2,
-                           mlp_dim=64),
-      embed_dim=64, tokenizer=str(path))
-  params = random_clip_params(config)
-  images = jnp.asarray(np.random.default_rng(1).normal(size=(3, IMAGE_SIZE, IMAGE_SIZE, 3)), jnp.float32)
-  learners = {"deep": prompts.make_learner("apex", config, vision_depth=2),
-              "zeroshot": prompts.make_learner("apex", config, vision_depth=2, unadapted_text="zeroshot"),
-              "text_only": prompts.make_learner("apex", config, vision_depth=0)}
-  return dict(config=config, params=params, images=images, tokenizer=tokenizer, learners=learners)
+  world = tiny_world(tmp_path_factory)
+  config = world["config"]
+  world["learners"] = {"deep": prompts.make_learner("apex", config, vision_depth=2),
+                       "zeroshot": prompts.make_learner("apex", config, vision_depth=2, unadapted_text="zeroshot"),
+                       "text_only": prompts.make_learner("apex", config, vision_depth=0)}
+  return world
 
 
 _JITTED = {}

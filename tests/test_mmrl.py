@@ -28,7 +28,7 @@ from tests.test_prompts_learners import CLASSNAMES, LABELS, TEMPLATE, jit_text_t
 
 # The learner tests' tiny random CLIP (3 text / 4 vision layers) and their fast-compile setting.
 world = learner_tests.world
-fast_compiles = learner_tests.fast_compiles
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 # K representation tokens; prompted blocks FIRST..FIRST+DEPTH-1 of the 3-layer text / 4-layer vision towers.
 K, FIRST, DEPTH = 2, 1, 2

@@ -41,13 +41,8 @@ def tiny_config(tokenizer_spec: str) -> clip.CLIPConfig:
       embed_dim=32, tokenizer=tokenizer_spec)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """Tiny towers: XLA's optimisation passes cost more than they save (both runs compared see the same)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny towers: XLA's optimisation passes cost far more than they save.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

@@ -51,17 +51,13 @@ def random_clip_params(config: clip.CLIPConfig, seed: int = 0) -> dict:
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """The towers here are tiny: XLA's optimisation passes cost far more than they save (~4x compile time)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny towers: XLA's optimisation passes cost far more than they save.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def tiny_world(tmp_path_factory) -> dict:
+  """A random tiny CLIP (16 px ViT, patch 8, 4 vision / 3 text layers, width 32, embed 64) with a word tokenizer
+  over WORDS, three random images and random normalised class prototypes."""
   tokenizer = WordTokenizer(WORDS, context_length=20)
   path = tmp_path_factory.mktemp("tokenizer") / "words.json"
   tokenizer.to_json(path)
@@ -74,6 +70,11 @@ def world(tmp_path_factory):
   images = jnp.asarray(np.random.default_rng(1).normal(size=(3, IMAGE_SIZE, IMAGE_SIZE, 3)), jnp.float32)
   prototypes = clip.normalize(jnp.asarray(np.random.default_rng(2).normal(size=(len(CLASSNAMES), 64)), jnp.float32))
   return dict(config=config, params=params, images=images, tokenizer=tokenizer, prototypes=prototypes)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  return tiny_world(tmp_path_factory)
 
 
 def zero_shot_logits(world, classnames, template=TEMPLATE):
