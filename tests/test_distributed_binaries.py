@@ -29,7 +29,8 @@ import jax
 import numpy as np
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.test_distributed import REPO_ROOT, wait
+
 NUM_PAIRS, CLASS_BATCH, FORWARD_BATCH = 190, 64, 24
 RELATIVE_TOLERANCE = 1e-5
 
@@ -55,18 +56,6 @@ def environment(devices: int, data_dir: str) -> dict:
 def start(args: list[str], devices: int, data_dir: str) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, env=environment(devices, data_dir),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait(process: subprocess.Popen, timeout: int = 300) -> str:
-  try:
-    output, _ = process.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    process.kill()
-    output, _ = process.communicate()
-    pytest.fail(f"subprocess timed out after {timeout} s:\n{output[-4000:]}")
-  if process.returncode:
-    pytest.fail(f"subprocess failed (exit {process.returncode}):\n{output[-6000:]}")
-  return output
 
 
 def hessian_args(checkpoint: str, output_dir: pathlib.Path, *extra: str) -> list[str]:
