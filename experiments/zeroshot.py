@@ -10,7 +10,6 @@ NLL, and writes results.{md,csv,json} into --run_dir. Flagfiles: experiments/fla
 from __future__ import annotations
 
 import os
-import time
 
 from absl import app, flags, logging
 
@@ -102,7 +101,9 @@ def run(
 
 def main(argv):
   del argv
-  run_dir = FLAGS.run_dir or os.path.join("runs", "zeroshot", time.strftime("%Y%m%d-%H%M%S"))
+  from bayesprompt.train.run_dir import timestamp
+
+  run_dir = FLAGS.run_dir or os.path.join("runs", "zeroshot", timestamp())
   logging.info("zero-shot %s on %s -> %s", FLAGS.checkpoint, FLAGS.dataset, run_dir)
   run(
     FLAGS.checkpoint,
