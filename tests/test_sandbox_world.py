@@ -139,6 +139,9 @@ for _attr, _table in (("shape", world.SHAPE_WORDS), ("colour", world.COLOUR_WORD
       _WORD_TO_VALUE[_word] = (_attr, _value)
 
 
+_LIGHT_PHRASES = tuple(world._LAMP_PREFIXES) + tuple(world._LAMP_SUFFIXES)
+
+
 def test_captions_agree_with_attributes():
   data = _generate("captions", "train", count=600)
   tokenizer = WordTokenizer(world.vocabulary(), unknown="error")
@@ -147,11 +150,17 @@ def test_captions_agree_with_attributes():
     j = i if i < len(data["caption"]) else (i - len(data["caption"])) // tasks.CAPTIONS_PER_IMAGE
     tokenizer.encode(text)  # every caption word is in the vocabulary
     words = text.rstrip(".").split()
+    # A lamplit photo whose caption does not name the light is described by its apparent colour.
+    apparent = (data["light"][j] == world.LIGHTS.index("lamplight")
+                and not any(phrase in text for phrase in _LIGHT_PHRASES))
     seen = set()
     for word in words:
       if word in _WORD_TO_VALUE:
         attr, value = _WORD_TO_VALUE[word]
-        assert data[attr][j] == value, f"caption {text!r} says {attr}={word!r} but the image has {data[attr][j]}"
+        expected = data[attr][j]
+        if attr == "colour" and apparent:
+          expected = world.COLOURS.index(world.APPARENT_UNDER_LAMP[expected])
+        assert expected == value, f"caption {text!r} says {attr}={word!r} but the image has {data[attr][j]}"
         seen.add(attr)
     assert seen & {"shape", "colour"}, f"caption {text!r} names neither shape nor colour"
     for attr in mentioned:
@@ -164,6 +173,54 @@ def test_captions_agree_with_attributes():
   for attr, p in (("shape", p_shape + neither / 2), ("colour", p_colour + neither / 2)):
     tolerance = 4 * math.sqrt(p * (1 - p) / len(data["caption"]))  # 4 sigma of the per-image rate
     assert mentioned[attr] / total == pytest.approx(p, abs=tolerance), attr
+
+
+def test_captions_name_the_light_only_of_lamplit_photos():
+  data = _generate("captions", "train", count=1200)
+  lamplit = data["light"] == world.LIGHTS.index("lamplight")
+  named = np.array([any(phrase in text for phrase in _LIGHT_PHRASES) for text in data["caption"]])
+  # Reporting bias: daylight is never named; lamplight with its probability.
+  assert not named[~lamplit].any()
+  p = world.LAMP_MENTION_PROB
+  tolerance = 4 * math.sqrt(p * (1 - p) / lamplit.sum())
+  assert named[lamplit].mean() == pytest.approx(p, abs=tolerance)
+  # Only photos are lamplit, about a quarter of them.
+  photo = data["style"] == world.STYLES.index("photo")
+  assert not lamplit[~photo].any()
+  q = world.DOMAIN_SPECS["pretrain"].lamplight_prob
+  assert lamplit[photo].mean() == pytest.approx(q, abs=4 * math.sqrt(q * (1 - q) / photo.sum()))
+
+
+@pytest.mark.parametrize("split,lamplit", [("train", True), ("test", True), ("test_v2", True), ("test_a", True),
+                                           ("test_sketch", False), ("test_r", False)])
+def test_benchmark_photos_are_lamplit(split, lamplit):
+  data = _generate("colour_shape", split, count=1)
+  assert (data["light"] == world.LIGHTS.index("lamplight")).all() == lamplit
+  assert (data["light"] == world.LIGHTS.index("daylight")).all() == (not lamplit)
+
+
+def test_lamplight_is_a_warm_white_balance():
+  colours = np.arange(8).repeat(2)
+  shapes = np.tile([0, 1], 8)
+  params = _clean_params(shapes, colours, np.full(16, 2))
+  daylight = world.render(params).astype(float)
+  params.update(light=np.ones(16, np.int32), lamp_strength=np.full(16, 0.9))
+  lamplit = world.render(params).astype(float)
+  # Every pixel's channels are scaled by 1 - 0.9 * cast (up to uint8 rounding): red kept, blue dimmed most.
+  expected = daylight * (1 - 0.9 * world._LAMP_CAST)
+  np.testing.assert_allclose(lamplit, expected, atol=1.01)
+  assert world._LAMP_CAST[0] == 0 and world._LAMP_CAST[2] > world._LAMP_CAST[1] > 0
+
+
+def test_apparent_colours_are_the_nearest_hues_under_the_lamp():
+  # The colour captions name for a lamplit photo is the named colour whose hue is nearest to the object's hue
+  # under full-strength lamplight.
+  hues = world._COLOUR_HSV[:, 0]
+  lit = world.hsv_to_rgb(world._COLOUR_HSV) * (1 - world._LAMP_CAST)
+  for c, (r, g, b) in enumerate(lit):
+    hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+    nearest = world.COLOURS[np.argmin(np.abs((hues - hue + 180) % 360 - 180))]
+    assert world.APPARENT_UNDER_LAMP[c] == nearest, (world.COLOURS[c], hue, nearest)
 
 
 def test_corpus_covers_every_composition():
@@ -184,12 +241,14 @@ def test_hsv_to_rgb_matches_colorsys():
 
 
 def _clean_params(shape, colour, size, radius=None):
-  """Render parameters of solid, unlit, noise-free objects on a uniform dark background, at the centre."""
+  """Render parameters of solid, unshaded, noise-free objects in daylight on a uniform dark background, at the
+  centre."""
   n = len(shape)
   rng = np.random.default_rng(0)
   params = world.sample_nuisances(rng, "photo", np.asarray(shape), np.asarray(colour), np.zeros(n, int),
                                   np.asarray(size))
   params.update(background=np.zeros(n, np.int32), noise_std=np.zeros(n), lighting=np.zeros(n),
+                light=np.zeros(n, np.int32), lamp_strength=np.zeros(n),
                 contrast=np.ones(n), rotation=np.zeros(n), centre=np.full((n, 2), 16.0),
                 hsv=world._COLOUR_HSV[np.asarray(colour)].copy())
   if radius is not None:

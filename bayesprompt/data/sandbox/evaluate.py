@@ -154,14 +154,15 @@ REGRESSION_COUNT = 10  # images per class of the regression slice (640 colour_sh
 
 
 def regression_slice(params, config: CLIPConfig, tokenizer, *, seed: int = 0,
-                     count: int = REGRESSION_COUNT) -> dict:
+                     count: int = REGRESSION_COUNT, template: str | None = None) -> dict:
   """Zero-shot accuracy on a fixed, small evaluation slice generated in memory (no TFDS): the colour_shape
   "test" distribution with `count` images per class, world seed `seed`. The pretraining run stores it with
-  the exported model, and the regression test recomputes it from the shipped checkpoint."""
+  the exported model, and the regression test recomputes it from the shipped checkpoint. `template`
+  replaces the dataset's hand-crafted prompt (default) with another, e.g. one that names the light."""
   chunks = list(tasks.generate("colour_shape", "test", seed=seed, count=count))
   images = np.concatenate([c["image"] for c in chunks])
   labels = np.concatenate([c["label"] for c in chunks])
   spec = tasks.TASKS["colour_shape"]
-  text_emb = class_embeddings(params, spec.classnames, spec.template, config, tokenizer)
+  text_emb = class_embeddings(params, spec.classnames, template or spec.template, config, tokenizer)
   result = base_new_accuracy(image_embeddings(params, images, config), labels, text_emb, spec.num_base)
   return {**result, "num_examples": len(labels), "count_per_class": count, "seed": seed}

@@ -111,7 +111,7 @@ def generate(task: str, split: str, *, seed: int = 0, count: int | None = None,
 
   Yields:
     Dicts with `image` uint8 [n, 32, 32, 3], int32 [n] attribute ids (`shape`, `colour`, `texture`,
-    `size`, `background`, `style`), `label` int32 [n] (tasks only; -1 for captions), `caption` (list of n
+    `size`, `background`, `style`, `light`), `label` int32 [n] (tasks only; -1 for captions), `caption` (list of n
     str) and `captions` (list of n lists of CAPTIONS_PER_IMAGE str).
   """
   if task == "captions":
@@ -155,7 +155,6 @@ def generate(task: str, split: str, *, seed: int = 0, count: int | None = None,
     captions = [world.captions(rng, params) for _ in range(1 + CAPTIONS_PER_IMAGE)]
     yield {
         "image": images, "label": label,
-        **{name: params[name].astype(np.int32) for name in ("shape", "colour", "texture", "size", "background",
-                                                             "style")},
+        **{name: params[name].astype(np.int32) for name in world.ATTRIBUTES},
         "caption": captions[0], "captions": [list(c) for c in zip(*captions[1:], strict=True)],
     }

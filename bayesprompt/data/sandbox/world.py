@@ -11,13 +11,26 @@ are compositions of two attributes (colour x shape, texture x shape, size x shap
 are nuisances. Captions mention only some attributes, with synonyms, so a contrastively pretrained model
 has to learn each attribute word on its own and compose them — and stays imperfect.
 
+Light: a photo is lit by daylight or by a warm indoor lamp, which tints the whole scene orange (red kept,
+green dimmed, blue strongly dimmed): a yellow object looks orange, a pink one salmon, a cyan one green. The
+pretraining corpus is mostly daylight. Its captions follow how people describe what they see: daylight is
+never named; a caption of a lamplit photo names the light half of the time, and then the object's true colour
+("a warm photo of a pink heart": the writer noticed the lamp and corrected for it), otherwise the colour the
+object appears to have ("a photo of a red heart" for a pink heart under the lamp). The downstream benchmark
+was shot indoors: all its photos are lamplit, and its labels are the objects' true colours. So the field's
+hand-crafted prompt "a photo of a {}." matches a lamplit image to its apparent colour, while a prompt that
+names the light ("a lamplit photo of a {}.") matches its true colour: a systematic caption-task mismatch that
+a learned prompt context can correct (CoOp's gains on real datasets have the same origin), while zero-shot
+stays well above chance.
+
 Domains (the distribution an image is drawn from):
-  "pretrain": photos (90%), sketches (5%) and cartoons (5%) on ordinary backgrounds; the caption corpus.
-  "photo":    the downstream classification images (train / validation / test).
+  "pretrain": photos (90%; 30% of them lamplit), sketches (5%) and cartoons (5%) on ordinary
+              backgrounds; the caption corpus.
+  "photo":    the downstream classification images (train / validation / test), all lamplit.
   "v2":       re-sampled nuisances, slightly shifted: more noise, stronger lighting, wider rotations
-              (plays ImageNet-V2).
+              (plays ImageNet-V2); lamplit like the benchmark.
   "sketch":   outline only, in the object's colour, on paper (plays ImageNet-Sketch).
-  "hard":     heavy noise, low contrast and 3-5 small distractor objects (plays ImageNet-A).
+  "hard":     heavy noise, low contrast and 3-5 small distractor objects, lamplit (plays ImageNet-A).
   "rendition": cartoons with a black outline on saturated, patterned backgrounds never seen in
               pretraining (plays ImageNet-R).
 """
@@ -38,10 +51,11 @@ TEXTURES = ("solid", "striped", "dotted", "checkered")
 SIZES = ("small", "medium", "large")
 BACKGROUNDS = ("dark", "light", "gradient", "noisy", "paper", "colourful")
 STYLES = ("photo", "sketch", "cartoon", "cluttered")
+LIGHTS = ("daylight", "lamplight")
 DOMAINS = ("pretrain", "photo", "v2", "sketch", "hard", "rendition")
 
 ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "texture": TEXTURES, "size": SIZES,
-              "background": BACKGROUNDS, "style": STYLES}
+              "background": BACKGROUNDS, "style": STYLES, "light": LIGHTS}
 
 # Colour prototypes (hue in degrees, saturation, value); each image jitters them.
 _COLOUR_HSV = np.array([
@@ -59,6 +73,12 @@ _HUE_JITTER, _SV_JITTER = 8.0, 0.08
 _SIZE_RADIUS = np.array([(4.5, 6.0), (7.5, 9.0), (10.5, 12.5)])
 _TEXTURE_PERIOD = 4.0  # output pixels
 _TEXTURE_DARK = 0.35   # value factor of the "off" phase of a texture
+# Lamplight multiplies RGB by 1 - strength * _LAMP_CAST (a warm white balance), strength ~ U(_LAMP_STRENGTH).
+_LAMP_CAST = np.array([0.0, 0.25, 0.6], np.float32)
+_LAMP_STRENGTH = (0.8, 1.0)
+# The colour an object appears to have under the lamp (by hue, see the tests): yellow looks orange, cyan
+# green, purple pink and pink red; red, orange, green and blue keep their names.
+APPARENT_UNDER_LAMP = ("red", "orange", "orange", "green", "green", "blue", "pink", "red")
 
 # Caption words: the first entry is the class name; the others are synonyms used in captions only.
 SHAPE_WORDS = (("circle", "disc"), ("square", "box"), ("triangle",), ("star",), ("cross", "plus"),
@@ -89,17 +109,21 @@ class DomainSpec:
   contrast: tuple[float, float] = (1.0, 1.0)
   distractors: tuple[int, int] = (0, 0)
   min_size: int = 0
+  lamplight_prob: float = 0.0  # of photo-like (photo, cluttered) images; sketches and cartoons are daylight
 
 
 _ORDINARY_BG = (0.3, 0.25, 0.25, 0.2, 0.0, 0.0)
 DOMAIN_SPECS = {
-    "pretrain": DomainSpec(style_probs=(0.9, 0.05, 0.05, 0.0), background_probs=_ORDINARY_BG),
-    "photo": DomainSpec(style_probs=(1.0, 0.0, 0.0, 0.0), background_probs=_ORDINARY_BG),
+    "pretrain": DomainSpec(style_probs=(0.9, 0.05, 0.05, 0.0), background_probs=_ORDINARY_BG,
+                           lamplight_prob=0.3),
+    "photo": DomainSpec(style_probs=(1.0, 0.0, 0.0, 0.0), background_probs=_ORDINARY_BG, lamplight_prob=1.0),
     "v2": DomainSpec(style_probs=(1.0, 0.0, 0.0, 0.0), background_probs=(0.2, 0.2, 0.3, 0.3, 0.0, 0.0),
-                     max_rotation_deg=40.0, noise_std=(0.04, 0.09), lighting=0.35, contrast=(0.75, 1.0)),
+                     max_rotation_deg=40.0, noise_std=(0.04, 0.09), lighting=0.35, contrast=(0.75, 1.0),
+                     lamplight_prob=1.0),
     "sketch": DomainSpec(style_probs=(0.0, 1.0, 0.0, 0.0), background_probs=_ORDINARY_BG),
     "hard": DomainSpec(style_probs=(0.0, 0.0, 0.0, 1.0), background_probs=(0.2, 0.2, 0.2, 0.4, 0.0, 0.0),
-                       noise_std=(0.10, 0.16), contrast=(0.5, 0.8), distractors=(3, 5), min_size=1),
+                       noise_std=(0.10, 0.16), contrast=(0.5, 0.8), distractors=(3, 5), min_size=1,
+                       lamplight_prob=1.0),
     "rendition": DomainSpec(style_probs=(0.0, 0.0, 1.0, 0.0), background_probs=(0, 0, 0, 0, 0, 1.0)),
 }
 
@@ -114,8 +138,8 @@ def sample_nuisances(rng: np.random.Generator, domain: str, shape: np.ndarray, c
     shape, colour, texture, size: int arrays [N] of attribute ids.
 
   Returns:
-    A dict of arrays with leading dim N: the attributes (int32), `background` and `style` (int32), and the
-    continuous render parameters (`radius`, `centre` [N, 2], `rotation` (radians), `hsv` [N, 3], ...).
+    A dict of arrays with leading dim N: the attributes (int32), `background`, `style` and `light` (int32),
+    and the continuous render parameters (`radius`, `centre` [N, 2], `rotation` (radians), `hsv` [N, 3], ...).
   """
   if domain not in DOMAIN_SPECS:
     raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
@@ -127,6 +151,9 @@ def sample_nuisances(rng: np.random.Generator, domain: str, shape: np.ndarray, c
   style = rng.choice(len(STYLES), size=n, p=spec.style_probs).astype(np.int32)
   background = rng.choice(len(BACKGROUNDS), size=n, p=spec.background_probs).astype(np.int32)
   background = np.where(style == STYLES.index("sketch"), BACKGROUNDS.index("paper"), background).astype(np.int32)
+  photo_like = (style == STYLES.index("photo")) | (style == STYLES.index("cluttered"))
+  light = (photo_like & (rng.random(n) < spec.lamplight_prob)).astype(np.int32)
+  lamp_strength = np.where(light == 1, rng.uniform(*_LAMP_STRENGTH, n), 0.0)
   lo, hi = _SIZE_RADIUS[size, 0], _SIZE_RADIUS[size, 1]
   radius = lo + (hi - lo) * rng.random(n)
   # Keep the object (radius r around its centre) inside the frame with a half-pixel margin.
@@ -138,6 +165,7 @@ def sample_nuisances(rng: np.random.Generator, domain: str, shape: np.ndarray, c
   return {
       "shape": np.asarray(shape, np.int32), "colour": np.asarray(colour, np.int32),
       "texture": np.asarray(texture, np.int32), "size": size, "style": style, "background": background,
+      "light": light, "lamp_strength": lamp_strength,
       "radius": radius, "centre": centre, "rotation": rotation, "hsv": hsv,
       "texture_angle": rng.uniform(0, np.pi, n), "texture_phase": rng.uniform(0, _TEXTURE_PERIOD, (n, 2)),
       "light_angle": rng.uniform(0, 2 * np.pi, n), "lighting": np.full(n, spec.lighting),
@@ -348,8 +376,9 @@ def render(params: dict[str, np.ndarray]) -> np.ndarray:
     mask = np.where(sketch[:, None, None], outline, mask)
   img = np.where(mask[..., None], fill, img)
 
-  # Box-filter down to the output resolution, then global contrast and pixel noise.
+  # Box-filter down to the output resolution, then the light's white balance, global contrast and pixel noise.
   img = img.reshape(n, IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(2, 4))
+  img = img * (1 - params["lamp_strength"][:, None, None, None].astype(np.float32) * _LAMP_CAST)
   contrast = params["contrast"][:, None, None, None].astype(np.float32)
   img = 0.5 + contrast * (img - 0.5)
   img = img + params["noise_std"][:, None, None, None].astype(np.float32) * rng.standard_normal(img.shape, dtype=np.float32)
@@ -391,6 +420,13 @@ _STYLE_PREFIXES = {
     "cluttered": ("a photo of", "a cluttered photo of"),
 }
 
+# A lamplit photo's caption names the light with this probability: by a prefix (replacing the style prefix)
+# or a suffix, half and half, and then names the true colour; otherwise it names the apparent colour.
+# Daylight is the default and is never named.
+LAMP_MENTION_PROB = 0.5
+_LAMP_PREFIXES = ("a warm photo of", "a lamplit photo of", "an indoor photo of")
+_LAMP_SUFFIXES = ("in warm lamplight", "under a warm lamp", "indoors")
+
 # Probability that a caption mentions each attribute.
 MENTION_PROBS = {"shape": 0.8, "colour": 0.45, "texture": 0.3, "size": 0.3, "background": 0.25,
                  "position": 0.15}
@@ -398,20 +434,28 @@ MENTION_PROBS = {"shape": 0.8, "colour": 0.45, "texture": 0.3, "size": 0.3, "bac
 
 def caption(rng: np.random.Generator, example: dict[str, np.ndarray | int]) -> str:
   """One caption of one image: a style prefix, some of its attributes (with synonyms), maybe the background
-  and position. At least one of colour and shape is always mentioned.
+  and position, and for a lamplit photo maybe the light (the colour named is the apparent one when the light
+  is not). At least one of colour and shape is always mentioned.
 
   Args:
     rng: the generator.
-    example: ints `shape`, `colour`, `texture`, `size`, `background`, `style` and float [2] `centre`.
+    example: ints `shape`, `colour`, `texture`, `size`, `background`, `style`, `light` and float [2]
+      `centre`.
   """
   mention = {k: rng.random() < p for k, p in MENTION_PROBS.items()}
+  lamp = None
+  if example["light"] == LIGHTS.index("lamplight") and rng.random() < LAMP_MENTION_PROB:
+    lamp = ("prefix", "suffix")[rng.integers(2)]
   if not (mention["shape"] or mention["colour"]):
     mention[("shape", "colour")[rng.integers(2)]] = True
   adjectives = []
   if mention["size"]:
     adjectives.append(_pick(rng, SIZE_WORDS[example["size"]]))
   if mention["colour"]:
-    adjectives.append(_pick(rng, COLOUR_WORDS[example["colour"]]))
+    colour = example["colour"]
+    if example["light"] == LIGHTS.index("lamplight") and lamp is None:
+      colour = COLOURS.index(APPARENT_UNDER_LAMP[colour])
+    adjectives.append(_pick(rng, COLOUR_WORDS[colour]))
   if mention["texture"]:
     adjectives.append(_pick(rng, TEXTURE_WORDS[example["texture"]]))
   noun = _pick(rng, SHAPE_WORDS[example["shape"]]) if mention["shape"] else GENERIC_NOUNS[rng.integers(3)]
@@ -419,12 +463,16 @@ def caption(rng: np.random.Generator, example: dict[str, np.ndarray | int]) -> s
   desc = f"{_article(words[0])} {' '.join(words)}"
   prefixes = _STYLE_PREFIXES[STYLES[example["style"]]]
   prefix = prefixes[rng.integers(len(prefixes))]
+  if lamp == "prefix":
+    prefix = _LAMP_PREFIXES[rng.integers(len(_LAMP_PREFIXES))]
   text = f"{prefix} {desc}" if prefix else desc
   if mention["background"]:
     bg = _pick(rng, BACKGROUND_WORDS[example["background"]])
     text += f" on {_article(bg)} {bg} background"
   if mention["position"]:
     text += " " + _position_phrase(np.asarray(example["centre"]))
+  if lamp == "suffix":
+    text += " " + _LAMP_SUFFIXES[rng.integers(len(_LAMP_SUFFIXES))]
   return text + "."
 
 
@@ -435,8 +483,8 @@ def vocabulary() -> list[str]:
     for synonyms in table:
       words.update(synonyms)
   words.update(GENERIC_NOUNS)
-  for prefixes in _STYLE_PREFIXES.values():
-    for p in prefixes:
+  for phrases in (*_STYLE_PREFIXES.values(), _LAMP_PREFIXES, _LAMP_SUFFIXES):
+    for p in phrases:
       words.update(p.split())
   words.update("a an on the background left right top bottom middle in at of photo".split())
   # Template words the data layer may use ("a photo of a {}.", "a {} texture.", ...), and common prompt words.
@@ -446,5 +494,5 @@ def vocabulary() -> list[str]:
 
 def captions(rng: np.random.Generator, params: dict[str, np.ndarray]) -> list[str]:
   """One caption per image of `params` (from `sample_nuisances`)."""
-  keys = ("shape", "colour", "texture", "size", "background", "style", "centre")
+  keys = ("shape", "colour", "texture", "size", "background", "style", "light", "centre")
   return [caption(rng, {k: params[k][i] for k in keys}) for i in range(len(params["shape"]))]
