@@ -1,7 +1,8 @@
 r"""Zero-shot CLIP accuracy (and calibration) on a benchmark dataset.
 
   python -m experiments.zeroshot --checkpoint=PATH --dataset=oxford_pets --protocol=base2new \
-      --data_dir=~/tensorflow_datasets [--batch_size=128] [--max_examples=N] [--run_dir=runs/zs]
+      --data_dir=~/tensorflow_datasets [--batch_size=128] [--max_examples=N] [--run_dir=runs/zs] \
+      [--template="a lamplit photo of a {}."]
 
 Prints base / new / HM accuracy under --protocol=base2new (all classes under --protocol=all) with ECE and
 NLL, and writes results.{md,csv,json} into --run_dir. Flagfiles: experiments/flags/zeroshot_*.flags.
@@ -32,6 +33,9 @@ flags.DEFINE_string(
 flags.DEFINE_string("label_cache_dir", None, "Cache TFDS label columns here (.npy).")
 flags.DEFINE_integer("num_threads", 8, "grain threads that decode and resize images.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string(
+  "template", None, "Prompt with one {} for the class name, replacing each dataset's hand-crafted one."
+)
 
 
 def run(
@@ -48,8 +52,16 @@ def run(
   label_cache_dir: str | None = None,
   num_threads: int = 8,
   progress: bool = True,
+  template: str | None = None,
 ) -> dict:
-  """Evaluates `checkpoint` zero-shot on each dataset; returns {dataset: {split: metrics}}."""
+  """Evaluates `checkpoint` zero-shot on each dataset; returns {dataset: {split: metrics}}.
+
+  `template` (one "{}" for the class name) replaces every dataset's hand-crafted prompt; None keeps them.
+  """
+  if template is not None and (template.count("{}") != 1 or template.replace("{}", "").count("{")
+                               or template.replace("{}", "").count("}")):
+    raise ValueError(f"--template must contain exactly one '{{}}' for the class name and no other braces, "
+                     f"got {template!r}")
   from bayesprompt import clip
   from bayesprompt.data import protocols
   from bayesprompt.eval import results as results_lib
@@ -67,7 +79,9 @@ def run(
     )
     out[name] = {}
     for split_name, split in data.evals.items():
-      text_features = zeroshot.class_text_features(params, config, tok, split.classnames, split.template)
+      text_features = zeroshot.class_text_features(
+        params, config, tok, split.classnames, template if template is not None else split.template
+      )
       result = zeroshot.evaluate_split(
         params,
         config,
@@ -118,6 +132,7 @@ def main(argv):
     label_cache_dir=FLAGS.label_cache_dir,
     num_threads=FLAGS.num_threads,
     progress=FLAGS.progress,
+    template=FLAGS.template,
   )
 
 

@@ -59,8 +59,9 @@ class SandboxWorld(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.",
                    "1.1.0": "Captions name the colour less often (0.45, was 0.75): fewer colour-shape compositions.",
-                   "1.2.0": "Lamplight: the benchmark's photos are lamplit (a warm cast), a quarter of the corpus's "
-                            "photos are, and their captions name the light 60% of the time; new `light` field."}
+                   "1.2.0": "Lamplight: the benchmark's photos are lamplit (a warm cast), 30% of the corpus's photos "
+                            "are; their captions name the light half of the time (and then the true colour), "
+                            "otherwise the apparent colour; new `light` field."}
   BUILDER_CONFIGS = _configs()
   DEFAULT_CONFIG_NAME = "colour_shape"
 
