@@ -88,6 +88,14 @@ def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, mode
     raise ValueError(f"--pseudo_data_count={cfg['pseudo_data_count']}; expected n > 0")
   if cfg["factors_dir"]:
     factors, info = load_factors(cfg["factors_dir"])
+    stored = info.get("model_fingerprint")
+    if stored is None:
+      logging.warning("--factors_dir=%s has no model fingerprint (written before they were stored): cannot "
+                      "check that the factors belong to this checkpoint", cfg["factors_dir"])
+    elif model_fingerprint is not None and stored != model_fingerprint:
+      raise ValueError(f"--factors_dir={cfg['factors_dir']} holds factors of another model (weights fingerprint "
+                       f"{stored[:12]}, this checkpoint's {model_fingerprint[:12]}); re-run "
+                       "experiments.estimate_hessian for this checkpoint")
   else:
     logging.info("no --factors_dir: estimating the factors now")
     factors, info = estimate_hessian.estimate(cfg, config, params, tokenizer, run_dir / "hessian",

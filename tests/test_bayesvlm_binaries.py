@@ -313,6 +313,7 @@ def test_estimate_hessian_runlocal(tiny, factors_dir):
   _, config, params = tiny
   factors, stored = laplace.load_factors(out / "factors")
   assert stored["lambda_img"] == pytest.approx(info["lambda_img"]) and info["num_pairs"] == 192
+  assert stored["model_fingerprint"] == features_lib.params_fingerprint(params)
   assert factors["img"].a.shape == (32, 32) and factors["txt"].a.shape == (24, 24)
   assert factors["img"].b.shape == (16, 16) and float(factors["img"].num_data) == 192
   # λ is the evidence maximiser at n = 10 (checked against a grid), and the run dir holds config + metrics.
@@ -344,6 +345,11 @@ def test_bayesvlm_runlocal_and_bad_input(tiny, factors_dir, tmp_path):
   laplace.save_factors(tmp_path / "wrong", wrong, {})
   with pytest.raises(ValueError, match=r"img factors do not fit the model \(32 -> 16"):
     bayesvlm.run({**cfg, "factors_dir": str(tmp_path / "wrong"), "prior_precision": "fit"}, tmp_path / "bad2")
+  # Factors of the right shapes but another model's weights (e.g. a re-trained checkpoint): refused by name.
+  factors, stored = laplace.load_factors(out / "factors")
+  laplace.save_factors(tmp_path / "stale", factors, {**stored, "model_fingerprint": "0" * 64})
+  with pytest.raises(ValueError, match="holds factors of another model .*000000000000"):
+    bayesvlm.run({**cfg, "factors_dir": str(tmp_path / "stale"), "prior_precision": "fit"}, tmp_path / "bad3")
 
 
 def test_active_learning_runlocal_and_bad_input(tiny, factors_dir, tmp_path):

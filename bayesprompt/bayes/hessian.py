@@ -272,6 +272,8 @@ def estimate_pair_factors(
   # single-device arrays a one-device run returns.
   factors = {t: laplace.kfac_finalize(_to_host(states[t])) for t in vlm.TOWERS}
   info = {
+    # Which weights the factors belong to: consumers refuse factors of another model of the same shapes.
+    "model_fingerprint": settings["model"],
     "num_pairs": num_pairs,
     "class_batch_size": int(class_batch_size),
     "num_class_batches": num_batches,
