@@ -184,27 +184,24 @@ class CustomDerivativeTest(parameterized.TestCase):
         value_ref, grad_ref = jax.jit(jax.value_and_grad(total))(stacked)
     chex.assert_trees_all_close((value, grad), (value_ref, grad_ref), atol=1e-5, rtol=1e-5)
 
-  def test_check_grads_faithful_logits_and_alpha(self):
-    # The existing float64 check_grads cover corrected prior_mean / prior_sample w.r.t. the logits.
+  def _check_faithful_grads(self, order: int, batch_seed: int, key_seed: int, alpha: float):
+    """float64 check_grads of the faithful loss w.r.t. the logits and α, to the given order."""
     with jax.enable_x64(True):
-      logits, teacher, labels = random_batch(5)
+      logits, teacher, labels = random_batch(batch_seed)
 
       def loss(f, alpha):
-        return ove.ove_pg_loss(jax.random.key(9), f, teacher, labels, alpha=alpha, num_samples=2,
+        return ove.ove_pg_loss(jax.random.key(key_seed), f, teacher, labels, alpha=alpha, num_samples=2,
                                mode="faithful")[0]
 
-      check_grads(loss, (logits, jnp.asarray(1.3)), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+      check_grads(loss, (logits, jnp.asarray(alpha)), order=order, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+  def test_check_grads_faithful_logits_and_alpha(self):
+    # The existing float64 check_grads cover corrected prior_mean / prior_sample w.r.t. the logits.
+    self._check_faithful_grads(order=1, batch_seed=5, key_seed=9, alpha=1.3)
 
   @pytest.mark.slow
   def test_check_grads_second_order_faithful_and_alpha(self):
-    with jax.enable_x64(True):
-      logits, teacher, labels = random_batch(6)
-
-      def loss(f, alpha):
-        return ove.ove_pg_loss(jax.random.key(1), f, teacher, labels, alpha=alpha, num_samples=2,
-                               mode="faithful")[0]
-
-      check_grads(loss, (logits, jnp.asarray(0.7)), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+    self._check_faithful_grads(order=2, batch_seed=6, key_seed=1, alpha=0.7)
 
 
 class PeakMemoryTest(parameterized.TestCase):
