@@ -123,6 +123,7 @@ def bench_objective(num_classes: int, batch: int, repeats: int) -> None:
 
 def bench_train_step(num_classes: int, batch: int) -> None:
   import bayesprompt.clip as clip
+  import bayesprompt.data  # noqa: F401  (registers the sandbox CLIP)
   from bayesprompt.prompts import make_learner
   from bayesprompt.train import optim, prompt_trainer
 

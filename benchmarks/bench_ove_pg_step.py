@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from anywhere
 
 import bayesprompt.clip as clip
+import bayesprompt.data  # noqa: F401  (registers the sandbox CLIP)
 from bayesprompt.objectives import make_objective
 from bayesprompt.prompts import make_learner
 from bayesprompt.train import optim, prompt_trainer

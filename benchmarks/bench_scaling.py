@@ -13,7 +13,7 @@ the input pipeline). Warm-up steps (incl. compilation) are excluded; then `--rou
 steps each, reporting the median round (and min-max) in steps/s.
 
 `--methods kfac` times one step of BayesVLM's KFAC factor accumulation as experiments.estimate_hessian
-runs it (`bayesprompt.bayes.hessian`): both towers on a forward batch of `--batch` image–caption pairs and
+runs it (`bayesprompt.bayesvlm.hessian`): both towers on a forward batch of `--batch` image–caption pairs and
 the KFAC update of both projections against that batch (a class batch of one forward batch). Sharded: the
 pairs split over "data", per-device partial sums all-reduced (`bayes.distributed.kfac_update_sharded`);
 reference: the one-device path of the same binary (host round trip of the features included, as it runs).
@@ -122,7 +122,8 @@ def _kfac_candidates(devices: int, config, params, images) -> dict:
   import jax
   import numpy as np
 
-  from bayesprompt.bayes import hessian, laplace, vlm
+  from bayesprompt.bayes import laplace
+  from bayesprompt.bayesvlm import hessian, vlm
   from bayesprompt.train import distributed
 
   batch = len(images)

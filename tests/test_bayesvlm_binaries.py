@@ -21,21 +21,26 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from bayesprompt import clip
-from bayesprompt.bayes import active, hessian, laplace, vlm
-from bayesprompt.bayes import features as features_lib
+from bayesprompt.bayes import laplace
+from bayesprompt.bayesvlm import active, hessian, vlm
+from bayesprompt.bayesvlm import active_learning as bv_active_learning
+from bayesprompt.bayesvlm import factors as factors_lib
+from bayesprompt.bayesvlm import features as features_lib
+from bayesprompt.bayesvlm import zeroshot as bv_zeroshot
 from bayesprompt.data import preprocess, sources
 from bayesprompt.data.sandbox import model as sandbox_model
 from tests.conftest import binary_module
 
 # Imported per test module (see conftest.binary_module): binaries' absl flags clash in one process.
-active_learning = bayesvlm = estimate_hessian = None
+bayesvlm_flags = None
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _binaries():
-  global active_learning, bayesvlm, estimate_hessian
-  with binary_module("experiments.active_learning", "experiments.bayesvlm",
-                     "experiments.estimate_hessian") as (active_learning, bayesvlm, estimate_hessian):
+  global bayesvlm_flags
+  # The three binaries define their flags (shared groups in experiments.bayesvlm_flags) on import.
+  with binary_module("experiments.bayesvlm_flags", "experiments.active_learning", "experiments.bayesvlm",
+                     "experiments.estimate_hessian") as (bayesvlm_flags, *_):
     yield
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,7 +237,7 @@ def test_tower_posterior_rejects_bad_input(tiny):
     with pytest.raises(ValueError, match="λ > 0"):
       vlm.tower_posterior(good, params, config, "img", pseudo_data_count=10.0, prior_precision=lam)
     with pytest.raises(ValueError, match="must be a finite number > 0"):
-      bayesvlm.parse_prior_precision(str(lam))
+      factors_lib.parse_prior_precision(str(lam))
   with pytest.raises(ValueError, match="pseudo_data_count"):
     vlm.tower_posterior(good, params, config, "img", pseudo_data_count=0.0)
   _, lam = vlm.tower_posterior(good, params, config, "img", pseudo_data_count=10.0, prior_precision="fit")
@@ -304,7 +309,7 @@ def factors_dir(tiny, data_dir, tmp_path_factory):
   """estimate_hessian --runlocal on the generated 192-pair sandbox smoke corpus."""
   out = tmp_path_factory.mktemp("hessian")
   parse_flags(f"--checkpoint={tiny[0]}", "--runlocal", f"--output_dir={out}")
-  info = estimate_hessian.run(estimate_hessian.config_from_flags(), out)
+  info = factors_lib.run_estimate(bayesvlm_flags.hessian_config(), out)
   return out, info
 
 
@@ -329,9 +334,9 @@ def test_bayesvlm_runlocal_and_bad_input(tiny, factors_dir, tmp_path):
   out, _ = factors_dir
   parse_flags(f"--checkpoint={tiny[0]}", "--runlocal", f"--factors_dir={out}", f"--run_dir={tmp_path / 'bv'}",
               "--dataset=sandbox_shapes,sandbox_shapes_sketch", "--prior_precision=stored")
-  cfg = bayesvlm.config_from_flags()
+  cfg = bayesvlm_flags.zeroshot_config()
   with tfds.testing.mock_data(num_examples=24):
-    results = bayesvlm.run(cfg, tmp_path / "bv")
+    results = bv_zeroshot.run_zero_shot(cfg, tmp_path / "bv")
   assert set(results) == {"sandbox_shapes", "sandbox_shapes_sketch"}
   for per in results.values():
     assert set(per) == {"map", "bayesvlm"}
@@ -339,26 +344,26 @@ def test_bayesvlm_runlocal_and_bad_input(tiny, factors_dir, tmp_path):
   assert (tmp_path / "bv" / "reliability_sandbox_shapes.png").stat().st_size > 1000
   assert (tmp_path / "bv" / "results.md").exists() and (tmp_path / "bv" / "config.json").exists()
   with pytest.raises(ValueError, match="must be a finite number > 0"):
-    bayesvlm.run({**cfg, "prior_precision": "-1"}, tmp_path / "bad")
+    bv_zeroshot.run_zero_shot({**cfg, "prior_precision": "-1"}, tmp_path / "bad")
   # Factors of another model (wider image features): a clear error naming the mismatch.
   wrong = {"img": _random_factors(jax.random.key(0), 40, 16), "txt": _random_factors(jax.random.key(1), 24, 16)}
   laplace.save_factors(tmp_path / "wrong", wrong, {})
   with pytest.raises(ValueError, match=r"img factors do not fit the model \(32 -> 16"):
-    bayesvlm.run({**cfg, "factors_dir": str(tmp_path / "wrong"), "prior_precision": "fit"}, tmp_path / "bad2")
+    bv_zeroshot.run_zero_shot({**cfg, "factors_dir": str(tmp_path / "wrong"), "prior_precision": "fit"}, tmp_path / "bad2")
   # Factors of the right shapes but another model's weights (e.g. a re-trained checkpoint): refused by name.
   factors, stored = laplace.load_factors(out / "factors")
   laplace.save_factors(tmp_path / "stale", factors, {**stored, "model_fingerprint": "0" * 64})
   with pytest.raises(ValueError, match="holds factors of another model .*000000000000"):
-    bayesvlm.run({**cfg, "factors_dir": str(tmp_path / "stale"), "prior_precision": "fit"}, tmp_path / "bad3")
+    bv_zeroshot.run_zero_shot({**cfg, "factors_dir": str(tmp_path / "stale"), "prior_precision": "fit"}, tmp_path / "bad3")
 
 
 def test_active_learning_runlocal_and_bad_input(tiny, factors_dir, tmp_path):
   out, _ = factors_dir
   parse_flags(f"--checkpoint={tiny[0]}", "--runlocal", f"--factors_dir={out}", f"--run_dir={tmp_path / 'al'}",
               "--selection=targeted", "--knn_metric=wasserstein", "--rounds=2")
-  cfg = active_learning.config_from_flags()
+  cfg = bayesvlm_flags.active_config()
   with tfds.testing.mock_data(num_examples=48):
-    result = active_learning.run(cfg, tmp_path / "al")
+    result = bv_active_learning.run_active_learning(cfg, tmp_path / "al")
     assert set(result["curves"]) == {"random", "entropy", "bald", "epig"}
     for acq, per in result["curves"].items():
       assert sorted(per) == [4, 8]
@@ -366,13 +371,13 @@ def test_active_learning_runlocal_and_bad_input(tiny, factors_dir, tmp_path):
       assert len(indices) == 8 and len(set(indices)) == 8 and max(indices) < 48
     assert (tmp_path / "al" / "curves.png").stat().st_size > 1000 and (tmp_path / "al" / "results.md").exists()
     with pytest.raises(ValueError, match="larger than the pool"):
-      active_learning.run({**cfg, "runlocal": False, "pool_size": 6, "budgets": [4], "knn_k": 7,
+      bv_active_learning.run_active_learning({**cfg, "runlocal": False, "pool_size": 6, "budgets": [4], "knn_k": 7,
                            "max_examples": 8}, tmp_path / "bad")
     with pytest.raises(ValueError, match="pool has only 6 images"):
-      active_learning.run({**cfg, "runlocal": False, "pool_size": 6, "budgets": [8], "max_examples": 8},
+      bv_active_learning.run_active_learning({**cfg, "runlocal": False, "pool_size": 6, "budgets": [8], "max_examples": 8},
                           tmp_path / "bad2")
   with pytest.raises(ValueError, match="the pool must not be empty"):
-    active_learning.run({**cfg, "runlocal": False, "pool_size": 0}, tmp_path / "bad3")
+    bv_active_learning.run_active_learning({**cfg, "runlocal": False, "pool_size": 0}, tmp_path / "bad3")
 
 
 def test_estimate_hessian_binary_entry_point(tiny, data_dir, tmp_path):

@@ -108,7 +108,8 @@ def test_partial_sums_written_on_four_devices_resume_on_one(hessian_runs, tmp_pa
   """The 4-device run's last partial checkpoint, resumed by a 1-device estimate: nothing left to read, the
   factors are the 4-device ones (host arrays restore on any device count)."""
   from bayesprompt import clip
-  from bayesprompt.bayes import hessian, laplace
+  from bayesprompt.bayes import laplace
+  from bayesprompt.bayesvlm import hessian
 
   monkeypatch.setenv("BAYESPROMPT_DATA_DIR", hessian_runs["data_dir"])
   shutil.copytree(hessian_runs["four"] / "partial", tmp_path / "partial")
@@ -152,10 +153,12 @@ def scenario_epig(out_dir: pathlib.Path, checkpoint: str, factors_dir: str) -> N
   from absl import flags
 
   from bayesprompt import clip
-  from bayesprompt.bayes import active, laplace, vlm
   from bayesprompt.bayes import distributed as bayes_distributed
+  from bayesprompt.bayes import laplace
+  from bayesprompt.bayesvlm import active, vlm
+  from bayesprompt.bayesvlm import active_learning as bv_active_learning
   from bayesprompt.train import distributed
-  from experiments import active_learning, common
+  from experiments import active_learning, bayesvlm_flags, common  # noqa: F401  (the binary defines its flags)
 
   assert jax.device_count() == 4, jax.devices()
   results: dict = {}
@@ -192,11 +195,11 @@ def scenario_epig(out_dir: pathlib.Path, checkpoint: str, factors_dir: str) -> N
                f"--feature_cache_dir={out_dir / 'features'}"])  # the second run reads the first one's features
   flag_mesh = common.mesh_from_flags()
   results["flag_mesh"] = None if flag_mesh is None else dict(flag_mesh.shape)
-  cfg = active_learning.config_from_flags()
+  cfg = bayesvlm_flags.active_config()
   with tfds.testing.mock_data(num_examples=48):
-    many = active_learning.run(cfg, out_dir / "al_four", mesh=flag_mesh)
+    many = bv_active_learning.run_active_learning(cfg, out_dir / "al_four", mesh=flag_mesh)
     results["sharded_calls"] = len(calls)
-    one = active_learning.run(cfg, out_dir / "al_one", mesh=None)
+    one = bv_active_learning.run_active_learning(cfg, out_dir / "al_one", mesh=None)
   results["calls_after_one_device_run"] = len(calls)
   results["selections"] = {"one": one["selections"], "many": many["selections"]}
   results["accuracy"] = {name: [r["accuracy"] for per in run["curves"].values() for rows in per.values()

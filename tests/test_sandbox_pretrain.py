@@ -10,6 +10,7 @@ from absl import flags
 
 from bayesprompt import clip
 from bayesprompt.data.sandbox import evaluate, model
+from bayesprompt.train import pretrain
 from bayesprompt.train import run_dir as run_dir_lib
 from tests.conftest import binary_module
 
@@ -40,10 +41,10 @@ def _leaves_equal(a, b):
 
 
 def test_smoke_run_resumes_bitwise_and_exports(smoke_config, tmp_path):
-  uninterrupted = pretrain_sandbox.run({**smoke_config, "workdir": str(tmp_path / "a")})
-  interrupted = pretrain_sandbox.run({**smoke_config, "workdir": str(tmp_path / "b"), "stop_after": 4})
+  uninterrupted = pretrain.run({**smoke_config, "workdir": str(tmp_path / "a")})
+  interrupted = pretrain.run({**smoke_config, "workdir": str(tmp_path / "b"), "stop_after": 4})
   assert interrupted["results"] is None and int(interrupted["state"]["step"]) == 4
-  resumed = pretrain_sandbox.run({**smoke_config, "workdir": str(tmp_path / "b"), "resume": True})
+  resumed = pretrain.run({**smoke_config, "workdir": str(tmp_path / "b"), "resume": True})
   # The checkpoint at step 3 (every 3 steps) and the forced one at the stop step 4: resumes from 4.
   assert int(resumed["state"]["step"]) == 6
   _leaves_equal(uninterrupted["state"], resumed["state"])
@@ -63,18 +64,18 @@ def test_smoke_run_resumes_bitwise_and_exports(smoke_config, tmp_path):
 
   # Resuming with other hyper-parameters, or training into a directory with checkpoints, is refused.
   with pytest.raises(ValueError, match="learning_rate"):
-    pretrain_sandbox.run({**smoke_config, "workdir": str(tmp_path / "b"), "resume": True, "learning_rate": 0.5})
+    pretrain.run({**smoke_config, "workdir": str(tmp_path / "b"), "resume": True, "learning_rate": 0.5})
   with pytest.raises(ValueError, match="--resume"):
-    pretrain_sandbox.run({**smoke_config, "workdir": str(tmp_path / "b")})
+    pretrain.run({**smoke_config, "workdir": str(tmp_path / "b")})
 
 
 def test_batches_are_a_function_of_the_step():
-  a = pretrain_sandbox.batch_indices(0, 7, 100, 16, 5)
-  b = pretrain_sandbox.batch_indices(0, 7, 100, 16, 5)
+  a = pretrain.batch_indices(0, 7, 100, 16, 5)
+  b = pretrain.batch_indices(0, 7, 100, 16, 5)
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])
   # An epoch visits every image at most once.
-  epoch = np.concatenate([pretrain_sandbox.batch_indices(0, s, 100, 16, 5)[0] for s in range(6)])
+  epoch = np.concatenate([pretrain.batch_indices(0, s, 100, 16, 5)[0] for s in range(6)])
   assert len(set(epoch.tolist())) == len(epoch) == 96
 
 

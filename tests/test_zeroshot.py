@@ -149,7 +149,6 @@ def test_template_flag_replaces_the_hand_crafted_prompt(fixtures_dir, word_token
   import tensorflow_datasets as tfds
 
   from bayesprompt.eval import zeroshot as zeroshot_lib
-  from experiments import zeroshot as binary
 
   seen = []
   original = zeroshot_lib.class_text_features
@@ -162,15 +161,16 @@ def test_template_flag_replaces_the_hand_crafted_prompt(fixtures_dir, word_token
   kwargs = dict(protocol="base2new", data_dir=str(tmp_path / "tfds"), source=None, batch_size=8, max_examples=None,
                 tokenizer=str(word_tokenizer_path), num_threads=1, progress=False)
   with tfds.testing.mock_data(num_examples=24):
-    default = binary.run(str(fixtures_dir / "openclip_vit_tiny"), [DATASET], run_dir=str(tmp_path / "a"), **kwargs)
+    default = zeroshot_lib.evaluate_checkpoint(str(fixtures_dir / "openclip_vit_tiny"), [DATASET],
+                                               run_dir=str(tmp_path / "a"), **kwargs)
     assert len(seen) == 2 and "{}" in seen[0] and seen[0] != "a type of {}."
-    custom = binary.run(str(fixtures_dir / "openclip_vit_tiny"), [DATASET], run_dir=str(tmp_path / "b"),
-                        template="a type of {}.", **kwargs)
+    custom = zeroshot_lib.evaluate_checkpoint(str(fixtures_dir / "openclip_vit_tiny"), [DATASET],
+                                              run_dir=str(tmp_path / "b"), template="a type of {}.", **kwargs)
   assert seen[2:] == ["a type of {}.", "a type of {}."]
   assert set(custom[DATASET]) == set(default[DATASET]) == {"base", "new", "hm"}
   for bad in ("a photo of a dog.", "a {} of a {}.", "a {0} photo."):
     with pytest.raises(ValueError, match="exactly one '{}'"):
-      binary.run("unused", [DATASET], run_dir=str(tmp_path / "c"), template=bad, **kwargs)
+      zeroshot_lib.evaluate_checkpoint("unused", [DATASET], run_dir=str(tmp_path / "c"), template=bad, **kwargs)
 
 
 def test_binary_rejects_unknown_dataset(fixtures_dir, tmp_path):

@@ -7,7 +7,7 @@ independent, so the pool is split over devices and every device scores its part 
 Both equal the single-device result up to the order of floating-point sums.
 
 Inputs may be host arrays (identical on every process) or global `jax.Array`s of any sharding, e.g. tower
-outputs sharded over "data" whose rows were read by different processes (`bayes.hessian`). Results are
+outputs sharded over "data" whose rows were read by different processes (`bayesvlm.hessian`). Results are
 replicated over the mesh, so every process can read them with `np.asarray`.
 
 Meshes come from `bayesprompt.train.distributed.make_mesh` (axes "data", "model"; "model" is unused here).

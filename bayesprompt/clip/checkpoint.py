@@ -9,7 +9,8 @@ Supported:
     shapes (heads = width // 64, as OpenAI does; `quick_gelu` must be given since shapes can't tell);
   * `.pt` / `.bin` pickles (OpenAI's TorchScript `ViT-B-16.pt`, open_clip `.bin`): only with torch installed
     AND `allow_pickle=True` — unpickling runs arbitrary code, so it is never the default;
-  * registered names (e.g. "sandbox": the project's pretrained sandbox CLIP, shipped as package data).
+  * registered names (`register_checkpoint`; e.g. "sandbox": the project's pretrained sandbox CLIP, shipped as
+    package data and registered by `bayesprompt.data.sandbox` on import: clip/ imports nothing above itself).
 
 Weight mapping (torch -> Flax): fused `in_proj_weight` [3W, W] splits into q/k/v; `nn.Linear` weights [out, in]
 are transposed to Dense kernels [in, out]; conv1 [out, in, kh, kw] -> [kh, kw, in, out]; open_clip's
@@ -505,7 +506,7 @@ def load_checkpoint(path: str | os.PathLike, *, quick_gelu: bool | None = None,
 
   Args:
     path: a directory (open_clip hub layout or transformers layout), a `.safetensors` / `.pt` / `.bin` file,
-      or a registered name ("sandbox").
+      or a registered name (`register_checkpoint`; "sandbox" after `import bayesprompt.data`).
     quick_gelu: activation for formats whose config can't say (bare files): True = OpenAI's QuickGELU
       (the default for bare files, as OpenAI weights use it), False = exact GELU (most LAION retrains).
       For a directory with a config it overrides the config when given.
@@ -517,14 +518,11 @@ def load_checkpoint(path: str | os.PathLike, *, quick_gelu: bool | None = None,
   """
   if isinstance(path, str) and path in _NAMED_CHECKPOINTS:
     path = _NAMED_CHECKPOINTS[path]()
-  elif isinstance(path, str) and path == "sandbox":
-    import bayesprompt.data.sandbox  # noqa: F401  (registers the shipped checkpoint)
-
-    if path in _NAMED_CHECKPOINTS:
-      path = _NAMED_CHECKPOINTS[path]()
   path = pathlib.Path(path).expanduser()
   if not path.exists():
-    known = f"; registered names: {', '.join(sorted(_NAMED_CHECKPOINTS))}" if _NAMED_CHECKPOINTS else ""
+    known = f"; registered names: {', '.join(sorted(_NAMED_CHECKPOINTS)) or 'none'}"
+    if str(path) == "sandbox":  # the one name the project ships: say who registers it
+      known += " (the sandbox CLIP is registered by `import bayesprompt.data`)"
     raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist{known}")
   source = str(path)
   if path.is_dir():

@@ -161,26 +161,19 @@ for _name in ("vit_b32", "vit_b16", "vit_l14"):
 
 def get_config(name: str) -> CLIPConfig:
   """A named architecture: vit_b32, vit_b16, vit_l14, vit_l14_336 (QuickGELU, OpenAI), `*_gelu` variants
-  (LAION/open_clip retrains), siglip_b16, tiny; "sandbox" is registered by the sandbox world."""
-  if name not in _NAMED:
-    _maybe_register_sandbox(name)
+  (LAION/open_clip retrains), siglip_b16, tiny, and the names added by `register_config` ("sandbox" is
+  registered by `bayesprompt.data.sandbox`, i.e. by `import bayesprompt.data`: clip/ imports nothing above
+  itself)."""
   try:
     return _NAMED[name]
   except KeyError:
-    raise ValueError(f"unknown config {name!r}; known configs: {', '.join(sorted(_NAMED))}") from None
+    hint = " (the sandbox config is registered by `import bayesprompt.data`)" if name == "sandbox" else ""
+    raise ValueError(f"unknown config {name!r}; known configs: {', '.join(sorted(_NAMED))}{hint}") from None
 
 
 def register_config(name: str, config: CLIPConfig) -> None:
   """Adds a named config (used by the sandbox world and by users with custom architectures)."""
   _NAMED[name] = config
-
-
-def _maybe_register_sandbox(name: str) -> None:
-  if name == "sandbox":
-    try:  # The sandbox registers its config on import; importing is cheap and has no side effects on disk.
-      import bayesprompt.data.sandbox  # noqa: F401
-    except ImportError:
-      pass
 
 
 def config_names() -> list[str]:

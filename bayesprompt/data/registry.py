@@ -104,12 +104,8 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 
 def get_dataset(name: str) -> DatasetSpec:
-  """Looks a dataset up by registry name; unknown names list the known ones."""
-  if name not in _REGISTRY and isinstance(name, str) and name.startswith("sandbox"):
-    try:  # The sandbox world registers its datasets on import (cheap, no data generated).
-      import bayesprompt.data.sandbox  # noqa: F401
-    except ImportError:
-      pass
+  """Looks a dataset up by registry name; unknown names list the known ones. (Importing `bayesprompt.data`
+  registers the benchmark datasets and the sandbox's, so every name is known once this module is loaded.)"""
   try:
     return _REGISTRY[name]
   except KeyError:

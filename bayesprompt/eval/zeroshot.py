@@ -7,6 +7,7 @@ logits = exp(logit_scale) · cos(image embedding, class embedding) (`clip.contra
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,10 +17,11 @@ import numpy as np
 import tqdm
 
 from bayesprompt import clip
-from bayesprompt.data import pipeline
+from bayesprompt.data import pipeline, protocols
 from bayesprompt.data.protocols import evaluation_subset, render_prompts
 from bayesprompt.data.sources import LabeledSplit
 from bayesprompt.eval import metrics as metrics_lib
+from bayesprompt.eval import results as results_lib
 
 
 def class_text_features(
@@ -118,3 +120,72 @@ def evaluate_split(
     "labels": labels,
     "num_examples": len(labels),
   }
+
+
+def evaluate_checkpoint(
+  checkpoint: str,
+  datasets: list[str],
+  *,
+  protocol: str,
+  data_dir: str | None,
+  source: str | None,
+  batch_size: int,
+  max_examples: int | None,
+  run_dir: str,
+  tokenizer: str | None = None,
+  label_cache_dir: str | None = None,
+  num_threads: int = 8,
+  progress: bool = True,
+  template: str | None = None,
+) -> dict:
+  """Evaluates `checkpoint` zero-shot on each dataset (experiments.zeroshot); writes results.{md,csv,json}
+  into `run_dir` and returns {dataset: {split: metrics}} (plus {"hm": {"accuracy"}} under base2new).
+
+  `template` (one "{}" for the class name) replaces every dataset's hand-crafted prompt; None keeps them.
+  """
+  if template is not None and (template.count("{}") != 1 or template.replace("{}", "").count("{")
+                               or template.replace("{}", "").count("}")):
+    raise ValueError(f"--template must contain exactly one '{{}}' for the class name and no other braces, "
+                     f"got {template!r}")
+  config, params = clip.load_checkpoint(checkpoint)
+  tok = clip.get_tokenizer(tokenizer if tokenizer is not None else config)
+  writer = results_lib.ResultsWriter(
+    run_dir, title=f"Zero-shot {os.path.basename(os.fspath(checkpoint))} ({protocol})"
+  )
+  out = {}
+  for name in datasets:
+    data = protocols.zero_shot(
+      name, protocol=protocol, data_dir=data_dir, source=source, label_cache_dir=label_cache_dir
+    )
+    out[name] = {}
+    for split_name, split in data.evals.items():
+      text_features = class_text_features(
+        params, config, tok, split.classnames, template if template is not None else split.template
+      )
+      result = evaluate_split(
+        params,
+        config,
+        text_features,
+        split,
+        batch_size=batch_size,
+        max_examples=max_examples,
+        num_threads=num_threads,
+        progress=progress,
+        description=f"{name}/{split_name}",
+      )
+      metrics = dict(result["metrics"], num_examples=result["num_examples"])
+      out[name][split_name] = metrics
+      writer.add(name, seed=0, metrics=result["metrics"], split=split_name)
+      print(
+        f"{name:>16s} {split_name:>5s}: accuracy {100 * metrics['accuracy']:6.2f}%  "
+        f"ece {metrics['ece']:.4f}  "
+        f"nll {metrics['nll']:.4f}  brier {metrics['brier']:.4f}  ({metrics['num_examples']} images)"
+      )
+    if protocol == "base2new":
+      hm = float(metrics_lib.harmonic_mean(out[name]["base"]["accuracy"], out[name]["new"]["accuracy"]))
+      out[name]["hm"] = {"accuracy": hm}
+      print(f"{name:>16s}    HM: {100 * hm:6.2f}%")
+  paths = writer.write()
+  print(writer.markdown())
+  print(f"wrote {', '.join(paths.values())}")
+  return out

@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bayesprompt.bayes import acquisition, laplace, predictive, vlm
+from bayesprompt.bayes import acquisition, laplace, predictive
 from bayesprompt.bayes import distributed as bayes_distributed
+from bayesprompt.bayesvlm import vlm
 
 ACQUISITIONS = ("random", "entropy", "bald", "epig")
 SELECTIONS = ("direct", "targeted")

@@ -42,8 +42,9 @@ from absl import logging
 
 from bayesprompt import clip
 from bayesprompt.bayes import distributed as bayes_distributed
-from bayesprompt.bayes import features as features_lib
-from bayesprompt.bayes import laplace, vlm
+from bayesprompt.bayes import laplace
+from bayesprompt.bayesvlm import features as features_lib
+from bayesprompt.bayesvlm import vlm
 from bayesprompt.data import preprocess
 
 _STEP = re.compile(r"^step_(\d+)$")
