@@ -9,6 +9,7 @@ import pathlib
 
 from absl import flags, logging
 
+from bayesprompt import prompts
 from bayesprompt.eval.results import ResultsWriter
 from bayesprompt.train import prompt_run
 from bayesprompt.train import run_dir as run_dir_lib
@@ -18,7 +19,7 @@ FLAGS = flags.FLAGS
 
 def define_prompt_flags() -> None:
   defaults = prompt_run.PromptRunConfig()
-  flags.DEFINE_string("method", defaults.method, "Prompt learner: coop, cocoop, maple, mpl, vpt, vamp, apex, mmrl, vamp_mmrl.")
+  flags.DEFINE_string("method", defaults.method, f"Prompt learner, one of: {', '.join(prompts.methods())}.")
   flags.DEFINE_string("objective", defaults.objective, "Loss plug-in: ce or ove_pg.")
   flags.DEFINE_enum("protocol", defaults.protocol, list(prompt_run.PROTOCOLS),
                     "base2new, fewshot, xd (cross-dataset) or dg (domain generalisation).")

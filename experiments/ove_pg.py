@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from bayesprompt import prompts
 from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_prompt_flags()
-flags.DEFINE_list("methods", ["coop"], "Prompt learners to compare (any of prompts.methods(): coop, cocoop, maple, mpl, vpt, vamp, apex, ...).")
+flags.DEFINE_list("methods", ["coop"], f"Prompt learners to compare, any of: {', '.join(prompts.methods())}.")
 flags.DEFINE_list("ove_modes", ["corrected", "faithful"], "OVE-PG modes to run besides CE.")
 flags.DEFINE_bool("with_ce", True, "Also train each method with cross-entropy (the baseline row).")
 

@@ -94,6 +94,21 @@ def test_ece_and_diagram_against_brute_force(seed, num_classes, num_bins):
       np.testing.assert_allclose(diagram["confidence"][b], conf[inside].mean(), atol=1e-6)
 
 
+def test_probability_metrics_is_the_hand_worked_record():
+  """The one evaluation record (prompt_run and the sharded evaluate): the hand-worked values above, a zero
+  probability on the true class clipped at 1e-12 instead of inf, and the example count."""
+  record = metrics.probability_metrics(PROBS, LABELS)
+  assert set(record) == {"accuracy", "nll", "ece", "brier", "num_examples"} and record["num_examples"] == 4
+  np.testing.assert_allclose(record["accuracy"], 0.5, atol=0)
+  np.testing.assert_allclose(record["nll"], -(math.log(0.72) + math.log(0.30) + math.log(0.52) + math.log(0.41)) / 4,
+                             atol=1e-6)
+  np.testing.assert_allclose(record["brier"], 1.8952 / 4, atol=1e-6)
+  np.testing.assert_allclose(record["ece"], float(metrics.ece(PROBS, LABELS)), atol=0)
+  zero = np.array([[1.0, 0.0], [0.5, 0.5]], np.float32)
+  clipped = metrics.probability_metrics(zero, np.array([1, 0], np.int32))
+  np.testing.assert_allclose(clipped["nll"], (-math.log(1e-12) - math.log(0.5)) / 2, rtol=1e-5)
+
+
 def test_ece_is_zero_when_calibrated_and_one_hot():
   probs = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 1]]
   chex.assert_trees_all_close(metrics.ece(probs, np.array([0, 1, 2, 3, 1])), 0.0, atol=0)

@@ -556,7 +556,10 @@ def covariance_factors(posterior: KroneckerPosterior) -> tuple[Array, Array]:
   return a_inv, b_inv
 
 
-def _check_features(posterior: KroneckerPosterior, features: Array, add_bias: bool) -> Array:
+def check_features(posterior: KroneckerPosterior, features: Array, add_bias: bool) -> Array:
+  """`features` [N, d_in] checked against the posterior's A factor and returned as [N, p] in its dtype (p =
+  d_in, or d_in + 1 with a ones column appended when `add_bias`); ValueError naming the shapes otherwise.
+  Shared by the Laplace and predictive functions."""
   features = jnp.asarray(features)
   if features.ndim != 2:
     raise ValueError(f"features have shape {features.shape}; expected [N, d_in]")
@@ -578,7 +581,7 @@ def embedding_variance_factors(
 
   Costs one [N, p] @ [p, p] matmul; keeps the rank-one structure that `probcosine_moments_factored` exploits.
   """
-  features = _check_features(posterior, features, add_bias)
+  features = check_features(posterior, features, add_bias)
   da, db = damped_eigvals(posterior)
   # φᵀA'⁻¹φ = ‖φᵀ V diag(da)^-½‖²: whitening the small [p, p] matrix first lets the square-and-sum fuse.
   quad = jnp.sum(jnp.square(features @ (posterior.a_eigvecs * jax.lax.rsqrt(da))), axis=-1)

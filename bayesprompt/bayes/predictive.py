@@ -124,7 +124,7 @@ def sample_projection_embeddings(
     raise ValueError(
       f"embeddings have shape {embeddings.shape}; expected [N, {posterior.b_eigvals.shape[0]}]"
     )
-  phi = laplace._check_features(posterior, features, add_bias)
+  phi = laplace.check_features(posterior, features, add_bias)
   if phi.shape[0] != embeddings.shape[0]:
     raise ValueError(f"features have {phi.shape[0]} rows but embeddings have {embeddings.shape[0]}")
   da, db = laplace.damped_eigvals(posterior)

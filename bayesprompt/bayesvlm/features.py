@@ -35,7 +35,6 @@ from bayesprompt import clip
 from bayesprompt.data import pipeline
 from bayesprompt.data.sources import LabeledSplit
 
-FEATURE_KEYS = ("pre_projection", "embeddings", "labels")
 _FORMAT_VERSION = 1
 
 

@@ -178,12 +178,6 @@ def _set(tree: dict, path: str, value) -> None:
   tree[leaf] = value
 
 
-def _get(tree: dict, path: str):
-  for p in path.split("/"):
-    tree = tree[p]
-  return tree
-
-
 def _stack_blocks(tree: dict) -> dict:
   """{"blocks": {"0": {...}, "1": {...}}} -> {"blocks": stacked [L, ...]} throughout the tree."""
   out = {}

@@ -586,7 +586,6 @@ IMAGENET_CROSS_DATASET_TARGETS = (
   "ucf101",
 )
 IMAGENET_SHIFT_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-BASE_TO_NEW_DATASETS = ("imagenet", *IMAGENET_CROSS_DATASET_TARGETS)
 
 SPECS = (
   DatasetSpec(

@@ -27,7 +27,6 @@ from bayesprompt.data.datasets import IMAGENET_CROSS_DATASET_TARGETS, IMAGENET_S
 from bayesprompt.data.registry import DatasetSpec, get_dataset
 from bayesprompt.data.sources import LabeledSplit, open_split
 
-DEFAULT_SEEDS = (1, 2, 3)
 SHOT_CHOICES = (1, 2, 4, 8, 16)
 PROTOCOLS = ("base2new", "few_shot", "cross_dataset", "domain_generalization", "all")
 MAX_VAL_SHOTS = 4

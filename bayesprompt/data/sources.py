@@ -32,7 +32,6 @@ from bayesprompt.data.registry import (
   resolve_label_subset,
 )
 
-BENCHMARK_SPLITS = ("train", "val", "test")
 SOURCES = ("tfds", "folder")
 
 

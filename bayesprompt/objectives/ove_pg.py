@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from bayesprompt.bayes import ove
 from bayesprompt.objectives import ce
 
-MODES = ("corrected", "faithful")
-OMEGA_SOURCES = ("prior_mean", "prior_sample", "posterior_gibbs")
+# One home for the option lists: the pure loss defines them.
+MODES = ove.MODES
+OMEGA_SOURCES = ove.OMEGA_SOURCES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,9 @@ mmrl, vamp_mmrl.
     probs = learner.predict_probs(output)   # [B, C]
 """
 
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from bayesprompt.prompts import engine
 from bayesprompt.prompts.apex import APEX
 from bayesprompt.prompts.base import LearnerOutput, PromptLearner, make_learner, methods
@@ -18,6 +21,11 @@ from bayesprompt.prompts.mmrl import MMRL
 from bayesprompt.prompts.vamp import VaMP
 from bayesprompt.prompts.vamp_mmrl import VaMPMMRL
 from bayesprompt.prompts.vpt import VPT
+
+# Every module of this package is loaded, so a learner registers itself (`@register`) by existing: adding a
+# learner is one new file here. `methods()` (flag help, error messages, tests) reads the registry.
+for _module in _pkgutil.iter_modules(__path__):
+  _importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "APEX", "MMRL", "VaMPMMRL",

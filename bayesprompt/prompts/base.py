@@ -158,6 +158,22 @@ class PromptLearner:
 _REGISTRY: dict[str, type[PromptLearner]] = {}
 
 
+def template_prepare_classes(self, clip_params: Params, classnames: Sequence[str],
+                             templates: str | Sequence[str] | None = None,
+                             class_prototypes: jax.Array | np.ndarray | None = None,
+                             train_classnames: Sequence[str] | None = None) -> engine.ClassState:
+  """`prepare_classes` of the learners whose text input is a hand-crafted template (MMRL, VaMP).
+
+  As `PromptLearner.prepare_classes`; the text input is the first of `templates` (the dataset's
+  hand-crafted template) when given, else the learner's `template` field.
+  """
+  learner = self
+  if templates is not None:
+    learner = dataclasses.replace(self, template=engine.as_templates(templates)[0])
+  return PromptLearner.prepare_classes(learner, clip_params, classnames, templates=templates,
+                                       class_prototypes=class_prototypes, train_classnames=train_classnames)
+
+
 def register(cls: type[PromptLearner]) -> type[PromptLearner]:
   _REGISTRY[cls.method] = cls
   return cls
@@ -172,7 +188,7 @@ def make_learner(method: str, clip_config: clip.CLIPConfig, **hparams: Any) -> P
   """The learner of a method name with its hyper-parameters (defaults: the method's paper recipe).
 
   Args:
-    method: one of `methods()`: coop, cocoop, maple, mpl, vpt, vamp, apex, mmrl, ...
+    method: one of `methods()` (every registered learner).
     clip_config: the frozen CLIP's config.
     **hparams: the learner's dataclass fields (see each learner's docstring).
   Raises:

@@ -410,6 +410,13 @@ def torch_linear_init(rng: jax.Array, fan_in: int, fan_out: int, stack: tuple[in
           "bias": jax.random.uniform(k_bias, (*stack, fan_out), jnp.float32, -bound, bound)}
 
 
+def clone_linear(rng: jax.Array, fan_in: int, fan_out: int, copies: tuple[int, ...]) -> Params:
+  """One PyTorch-default Linear init, replicated to [*copies, ...] float32 (the official `_get_clones`: deep
+  copies of one initial layer, as MaPLe / MPL couplings and MMRL's projections start)."""
+  layer = torch_linear_init(rng, fan_in, fan_out)
+  return jax.tree.map(lambda p: jnp.broadcast_to(p, (*copies, *p.shape)).astype(jnp.float32), layer)
+
+
 def dense(layer: Params, x: jax.Array) -> jax.Array:
   """x @ kernel + bias; x [..., in] with kernel [in, out]."""
   return x @ layer["kernel"] + layer["bias"]

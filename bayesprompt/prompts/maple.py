@@ -39,12 +39,6 @@ def _check_depth(method: str, depth, config: clip.CLIPConfig, vision: bool) -> N
                        f"(deep prompts go to layers 0..depth-1); use depth <= {layers}")
 
 
-def _clone_linear(rng: jax.Array, fan_in: int, fan_out: int, copies: tuple[int, ...]) -> Params:
-  """One PyTorch-default Linear init, replicated to [*copies, ...] (the official `_get_clones`)."""
-  layer = engine.torch_linear_init(rng, fan_in, fan_out)
-  return jax.tree.map(lambda p: jnp.broadcast_to(p, (*copies, *p.shape)).astype(jnp.float32), layer)
-
-
 @register
 @dataclasses.dataclass(frozen=True)
 class MaPLe(ContextLearner):
@@ -97,7 +91,7 @@ class MaPLe(ContextLearner):
     return params
 
   def _init_deep_proj(self, rng, t_width, v_width):
-    return _clone_linear(rng, t_width, v_width, (self.depth - 1,))
+    return engine.clone_linear(rng, t_width, v_width, (self.depth - 1,))
 
   def text_edits(self, learner_params: Params) -> dict:
     """Text schedule: layers 1..J-1 replace positions 1..n with that layer's deep prompt."""
@@ -178,7 +172,7 @@ class MPL(MaPLe):
                                class_position=self.class_token_position)
 
   def _init_deep_proj(self, rng, t_width, v_width):
-    return _clone_linear(rng, t_width, v_width, (self.n_add, self.depth - 1))
+    return engine.clone_linear(rng, t_width, v_width, (self.n_add, self.depth - 1))
 
   def vision_prompt_counts(self) -> list[int]:
     """Vision prompt tokens entering each block 0..layers-1 (after that layer's edits)."""

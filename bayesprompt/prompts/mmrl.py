@@ -42,14 +42,12 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import bayesprompt.clip as clip
 from bayesprompt.clip import edits as edits_lib
 from bayesprompt.clip.layers import LayerNorm
 from bayesprompt.prompts import engine
-from bayesprompt.prompts.base import LearnerOutput, Params, PromptLearner, register
-from bayesprompt.prompts.maple import _clone_linear
+from bayesprompt.prompts.base import LearnerOutput, Params, PromptLearner, register, template_prepare_classes
 
 REP_PROJ_INITS = ("frozen", "random")
 
@@ -92,22 +90,6 @@ def insert_then_replace(layers: Sequence[int], tokens: jax.Array, position: int)
   return {layer: [edits_lib.insert(tokens[h], position=position) if h == 0
                   else edits_lib.replace(tokens[h], position=position)]
           for h, layer in enumerate(layers)}
-
-
-def template_prepare_classes(self, clip_params: Params, classnames: Sequence[str],
-                             templates: str | Sequence[str] | None = None,
-                             class_prototypes: jax.Array | np.ndarray | None = None,
-                             train_classnames: Sequence[str] | None = None) -> engine.ClassState:
-  """`prepare_classes` of the learners whose text input is a hand-crafted template (MMRL, VaMP).
-
-  As `PromptLearner.prepare_classes`; the text input is the first of `templates` (the dataset's
-  hand-crafted template) when given, else the learner's `template` field.
-  """
-  learner = self
-  if templates is not None:
-    learner = dataclasses.replace(self, template=engine.as_templates(templates)[0])
-  return PromptLearner.prepare_classes(learner, clip_params, classnames, templates=templates,
-                                       class_prototypes=class_prototypes, train_classnames=train_classnames)
 
 
 def _check_number(method: str, name: str, value, low: float, high: float | None) -> None:
@@ -180,8 +162,8 @@ class RepresentationBackbone:
     else:
       rep_proj = config.vision.width**-0.5 * jax.random.normal(k_proj, frozen_proj.shape, jnp.float32)
     return {"rep_tokens": 0.02 * jax.random.normal(k_rep, (self.n_tokens, self.rep_dim), jnp.float32),
-            "to_text": _clone_linear(k_text, self.rep_dim, config.text.width, (depth,)),
-            "to_vision": _clone_linear(k_vision, self.rep_dim, config.vision.width, (depth,)),
+            "to_text": engine.clone_linear(k_text, self.rep_dim, config.text.width, (depth,)),
+            "to_vision": engine.clone_linear(k_vision, self.rep_dim, config.vision.width, (depth,)),
             "rep_proj": {"kernel": rep_proj}}
 
   def representation_tokens(self, learner_params: Params) -> tuple[jax.Array, jax.Array]:

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 
 from bayesprompt.clip import edits as edits_lib
 from bayesprompt.prompts import engine
-from bayesprompt.prompts.base import LearnerOutput, Params, PromptLearner, register
-from bayesprompt.prompts.mmrl import insert_then_replace, prompted_layer_range, template_prepare_classes
+from bayesprompt.prompts.base import LearnerOutput, Params, PromptLearner, register, template_prepare_classes
+from bayesprompt.prompts.mmrl import insert_then_replace, prompted_layer_range
 from bayesprompt.prompts.vpt import require_rng
 
 

@@ -236,10 +236,6 @@ def process_shard(split: LabeledSplit, process_index: int | None = None,
   return split.select(np.arange(process_index, per_process * process_count, process_count))
 
 
-def _shardings_of(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.sharding, tree)
-
-
 def make_train_step(learner, objective, optimizer: optax.GradientTransformation, mesh: Mesh,
                     clip_params: Any, *, min_size: int = MIN_SHARDED_LEAF_SIZE) -> Callable:
   """`prompt_trainer.train_step_fn` jitted over `mesh`: `step(state, clip_params, class_state, images,
@@ -320,11 +316,7 @@ def evaluate(learner, params, clip_params, split: LabeledSplit, mesh: Mesh, *, b
   probs_all, labels_all = np.concatenate(probs), np.concatenate(labels)
   valid = labels_all >= 0
   probs_all, labels_all = jnp.asarray(probs_all[valid]), jnp.asarray(labels_all[valid])
-  return {"accuracy": float(metrics_lib.accuracy(probs_all, labels_all)),
-          "nll": float(metrics_lib.nll(jnp.clip(probs_all, 1e-12, 1.0), labels_all)),
-          "ece": float(metrics_lib.ece(probs_all, labels_all)),
-          "brier": float(metrics_lib.brier(probs_all, labels_all)),
-          "num_examples": int(labels_all.shape[0])}
+  return metrics_lib.probability_metrics(probs_all, labels_all)
 
 
 def _padded_process_shard(split: LabeledSplit, process_index: int, process_count: int) -> LabeledSplit:

@@ -125,11 +125,7 @@ def evaluate(learner, params, clip_params, split: LabeledSplit, *, batch_size: i
     labels.append(batch["label"][:n])
   probs_all = jnp.asarray(np.concatenate(probs))
   labels_all = jnp.asarray(np.concatenate(labels).astype(np.int32))
-  return {"accuracy": float(metrics_lib.accuracy(probs_all, labels_all)),
-          "nll": float(metrics_lib.nll(jnp.clip(probs_all, 1e-12, 1.0), labels_all)),
-          "ece": float(metrics_lib.ece(probs_all, labels_all)),
-          "brier": float(metrics_lib.brier(probs_all, labels_all)),
-          "num_examples": int(labels_all.shape[0])}
+  return metrics_lib.probability_metrics(probs_all, labels_all)
 
 
 def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = False, progress: bool = True,
@@ -261,8 +257,8 @@ def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str
   clip_config, clip_params = clip.load_checkpoint(cfg.checkpoint)
   clip_config = clip_config.replace(dtype=cfg.compute_dtype)
   learner = make_learner(cfg.method, clip_config, **dict(cfg.learner_kwargs))
-  train_classes = json.loads((run_dir / "train_classes.json").read_text())["classnames"]
   stored_classes = json.loads((run_dir / "train_classes.json").read_text())
+  train_classes = stored_classes["classnames"]
   class_state = learner.prepare_classes(clip_params, train_classes, templates=[stored_classes["template"]],
                                         train_classnames=train_classes)
   # The restore template needs the trained optimizer's state structure: a schedule carries a step count that
