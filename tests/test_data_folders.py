@@ -448,6 +448,25 @@ def test_no_source_path_downloads(no_network, root, tmp_path):
   assert [p for p in empty.rglob("*") if p.is_file()] == []  # nothing fetched or left in the data folder
 
 
+def test_dataset_prepared_in_another_format_says_rebuild(monkeypatch):
+  import types
+
+  import tensorflow_datasets as tfds
+
+  class TFRecordBuilder:  # what tfds.builder gives for a dataset prepared by tfds.load (TFRecord files)
+    data_dir = "/data/oxford_iiit_pet/4.0.0"
+    info = types.SimpleNamespace(file_format=tfds.core.FileFormat.TFRECORD)
+
+    def is_prepared(self):
+      return True
+
+  monkeypatch.setattr(tfds, "builder", lambda *args, **kwargs: TFRecordBuilder())
+  message = sources.tfds_unavailable_message(get_dataset("oxford_pets"), "test", "/data", NotImplementedError())
+  assert ("TFDS oxford_iiit_pet:4.0.0 is prepared as tfrecord in /data/oxford_iiit_pet/4.0.0, and random access "
+          "needs ArrayRecord files: rebuild with `tfds build oxford_iiit_pet:4.0.0 --file_format=array_record "
+          "--data_dir=/data`") in message
+
+
 def test_folder_runs_import_no_tfds_and_log_no_noise(root):
   script = (
     "import sys, logging\n"
