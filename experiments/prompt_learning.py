@@ -4,8 +4,8 @@ r"""Train and evaluate a prompt learner under one of the field's protocols.
   python -m experiments.prompt_learning --method=maple --protocol=base2new --dataset=oxford_pets \
       --checkpoint=/path/to/ViT-B-16 --data_dir=~/tensorflow_datasets --seeds=1,2,3
   python -m experiments.prompt_learning --eval_only --run_dir=runs/coop/seed1 --dataset=dtd --protocol=fewshot
-  python -m experiments.prompt_learning --method=coop --protocol=fewshot --num_shots=16 --dataset=oxford_pets \
-      --source=folder --data_dir=$DATA   # CoOp's split_zhou_*.json and CoOp's few-shot images (seeds 1-3)
+  python -m experiments.prompt_learning --method=coop --protocol=fewshot --num_shots=16 \
+      --dataset=oxford_pets --source=folder --data_dir=$DATA   # CoOp's split files and few-shot images
 
 Learner hyper-parameters go in --hparams as key=value pairs (e.g. --hparams=n_ctx=4 --hparams=ctx_init="a photo of
 a"); objective options in --objective_hparams likewise.

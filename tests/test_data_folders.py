@@ -29,8 +29,13 @@ from tests.conftest import REPO_ROOT, binary_module
 FOLDER_DATASETS = ("oxford_pets", "caltech101", "ucf101", "fgvc_aircraft")
 PER_SPLIT = {"train": 2, "val": 1, "test": 1}  # images per class
 # (mode, size, format): RGB, grayscale and CMYK JPEGs, a PNG behind a .jpg name, odd and tiny sizes.
-IMAGE_KINDS = (("RGB", (23, 17), "JPEG"), ("L", (9, 31), "JPEG"), ("CMYK", (40, 12), "JPEG"),
-               ("RGB", (5, 64), "PNG"), ("RGB", (33, 33), "JPEG"))
+IMAGE_KINDS = (
+  ("RGB", (23, 17), "JPEG"),
+  ("L", (9, 31), "JPEG"),
+  ("CMYK", (40, 12), "JPEG"),
+  ("RGB", (5, 64), "PNG"),
+  ("RGB", (33, 33), "JPEG"),
+)
 
 
 def _write_image(path: str, index: int) -> None:
@@ -118,11 +123,13 @@ def test_every_folder_format_reads_as_coop_does(root, name):
     split = sources.open_split(name, split_name, data_dir=root, source="folder")
     # CoOp's names after its trainers' "_" -> " " are the registry's names.
     assert split.classnames == resolve_classnames(spec)
-    np.testing.assert_array_equal(np.bincount(split.labels), [PER_SPLIT[split_name]] * spec.folder.num_classes)
+    per_class = np.bincount(split.labels)
+    np.testing.assert_array_equal(per_class, [PER_SPLIT[split_name]] * spec.folder.num_classes)
   test = sources.open_split(name, "test", data_dir=root, source="folder")
   assert pipeline.verify_images(test, progress=False, num_threads=2) == len(test)
-  batch = next(iter(pipeline.make_pipeline(test, image_size=16, batch_size=len(IMAGE_KINDS), train=False,
-                                           num_threads=2)))
+  batch = next(
+    iter(pipeline.make_pipeline(test, image_size=16, batch_size=len(IMAGE_KINDS), train=False, num_threads=2))
+  )
   assert batch["image"].shape == (len(IMAGE_KINDS), 16, 16, 3) and np.isfinite(batch["image"]).all()
 
 
@@ -138,8 +145,9 @@ def test_grayscale_cmyk_png_odd_sizes_decode_as_dassls_read_image(root):
       dassl = np.asarray(raw.convert("RGB"))  # Dassl's read_image
     ours = preprocess.decode_image(test[position]["image"], where=path)
     np.testing.assert_array_equal(np.asarray(ours), dassl)
-    np.testing.assert_allclose(preprocess.eval_image(test[position]["image"], 16),
-                               preprocess.eval_image(dassl, 16), atol=0)
+    np.testing.assert_allclose(
+      preprocess.eval_image(test[position]["image"], 16), preprocess.eval_image(dassl, 16), atol=0
+    )
   assert {"L", "CMYK", "RGB"} <= modes
 
 
@@ -181,7 +189,9 @@ def dassl_generate_fewshot_dataset(*data_sources, num_shots=-1, repeat=False):
 def coop_read_split(filepath, path_prefix):
   with open(filepath) as f:
     split = json.load(f)
-  return [[Datum(os.path.join(path_prefix, p), int(y), c) for p, y, c in split[s]] for s in ("train", "val", "test")]
+  return [
+    [Datum(os.path.join(path_prefix, p), int(y), c) for p, y, c in split[s]] for s in ("train", "val", "test")
+  ]
 
 
 def coop_subsample_classes(*args, subsample="all"):
@@ -191,8 +201,10 @@ def coop_subsample_classes(*args, subsample="all"):
   m = -(-len(labels) // 2)
   selected = labels[:m] if subsample == "base" else labels[m:]
   relabeler = {y: y_new for y_new, y in enumerate(selected)}
-  return [[Datum(i.impath, relabeler[i.label], i.classname) for i in dataset if i.label in selected]
-          for dataset in args]
+  return [
+    [Datum(i.impath, relabeler[i.label], i.classname) for i in dataset if i.label in selected]
+    for dataset in args
+  ]
 
 
 def coop_datasets(split_path, image_dir, seed, num_shots, subsample):
@@ -237,8 +249,9 @@ def pets_sized(tmp_path_factory):
 
 
 def _paths(split, table, split_name):
-  return sorted((table.paths[split_name][int(r)], int(y)) for r, y in zip(split.record_ids, split.labels,
-                                                                          strict=True))
+  return sorted(
+    (table.paths[split_name][int(r)], int(y)) for r, y in zip(split.record_ids, split.labels, strict=True)
+  )
 
 
 @pytest.mark.parametrize("seed", (1, 2, 3))
@@ -248,31 +261,50 @@ def test_few_shot_draws_are_coops(pets_sized, seed, num_shots):
   image_dir = os.path.join(pets_sized, "oxford_pets", "images")
   split_path = os.path.join(pets_sized, "oxford_pets", "split_zhou_OxfordPets.json")
   runs = {
-    "base": protocols.base_to_new("oxford_pets", seed=seed, num_shots=num_shots, data_dir=pets_sized,
-                                  source="folder"),
-    "all": protocols.few_shot("oxford_pets", seed=seed, num_shots=num_shots, data_dir=pets_sized,
-                              source="folder"),
+    "base": protocols.base_to_new(
+      "oxford_pets", seed=seed, num_shots=num_shots, data_dir=pets_sized, source="folder"
+    ),
+    "all": protocols.few_shot(
+      "oxford_pets", seed=seed, num_shots=num_shots, data_dir=pets_sized, source="folder"
+    ),
   }
   for subsample, run in runs.items():
     train, val, test = coop_datasets(split_path, image_dir, seed, num_shots, subsample)
     assert _paths(run.train, table, "train") == sorted((d.impath, d.label) for d in train)
     assert _paths(run.val, table, "val") == sorted((d.impath, d.label) for d in val)
-    assert run.train.classnames == tuple(sorted({(d.label, d.classname.replace("_", " ")) for d in train})[i][1]
-                                         for i in range(run.train.num_classes))
+    # Dassl's get_lab2cname over the few-shot train set, after the trainers' "_" -> " ".
+    lab2cname = {d.label: d.classname.replace("_", " ") for d in train}
+    assert run.train.classnames == tuple(lab2cname[y] for y in sorted(lab2cname))
   # Base-to-new's new classes: CoOp's subsample_classes of the test split.
   _, _, new_test = coop_datasets(split_path, image_dir, seed, num_shots, "new")
   assert _paths(runs["base"].evals["new"], table, "test") == sorted((d.impath, d.label) for d in new_test)
 
 
 def test_dassl_draws_are_not_nested_and_the_nested_sampler_is(pets_sized):
-  train = {k: set(protocols.few_shot("oxford_pets", seed=1, num_shots=k, data_dir=pets_sized,
-                                     source="folder").train.record_ids.tolist()) for k in (4, 16)}
+  train = {
+    k: set(
+      protocols.few_shot(
+        "oxford_pets", seed=1, num_shots=k, data_dir=pets_sized, source="folder"
+      ).train.record_ids.tolist()
+    )
+    for k in (4, 16)
+  }
   assert not train[4] <= train[16]  # Dassl draws each K afresh
-  nested = {k: set(protocols.few_shot("oxford_pets", seed=1, num_shots=k, data_dir=pets_sized, source="folder",
-                                      sampler="nested").train.record_ids.tolist()) for k in (4, 16)}
+  nested = {
+    k: set(
+      protocols.few_shot(
+        "oxford_pets", seed=1, num_shots=k, data_dir=pets_sized, source="folder", sampler="nested"
+      ).train.record_ids.tolist()
+    )
+    for k in (4, 16)
+  }
   assert nested[4] <= nested[16]
-  with pytest.raises(ValueError, match=r"class 'basset hound' \(label 3\) has 11 examples, fewer than the 16 shots"):
-    protocols.few_shot("oxford_pets", seed=1, num_shots=16, data_dir=pets_sized, source="folder", on_short="error")
+  with pytest.raises(
+    ValueError, match=r"class 'basset hound' \(label 3\) has 11 examples, fewer than the 16 shots"
+  ):
+    protocols.few_shot(
+      "oxford_pets", seed=1, num_shots=16, data_dir=pets_sized, source="folder", on_short="error"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -291,18 +323,29 @@ def _open_all(root, name="oxford_pets"):
   return protocols.base_to_new(name, seed=1, num_shots=1, data_dir=root, source="folder")
 
 
-@pytest.mark.parametrize("column,expected", [
-  # Class 1's first train row carries class 0's label: it would silently move to class 0 (and base/new).
-  (1, r"split_zhou_OxfordPets\.json: label 0 has more than one class name: 'abyssinian' on 4 rows, "
-      r"'american_bulldog' at train row 2"),
-  # Class 1's first train row carries class 2's name: CoOp's pick would depend on hash order.
-  (2, r"split_zhou_OxfordPets\.json: label 1 has more than one class name: 'american_bulldog' on 3 rows, "
-      r"'american_pit_bull_terrier' at train row 2"),
-])
+@pytest.mark.parametrize(
+  "column,expected",
+  [
+    # Class 1's first train row carries class 0's label: it would silently move to class 0 (and base/new).
+    (
+      1,
+      r"split_zhou_OxfordPets\.json: label 0 has more than one class name: 'abyssinian' on 4 rows, "
+      r"'american_bulldog' at train row 2",
+    ),
+    # Class 1's first train row carries class 2's name: CoOp's pick would depend on hash order.
+    (
+      2,
+      r"split_zhou_OxfordPets\.json: label 1 has more than one class name: 'american_bulldog' on 3 rows, "
+      r"'american_pit_bull_terrier' at train row 2",
+    ),
+  ],
+)
 def test_label_classname_mismatch_names_the_row(root, tmp_path, column, expected):
   path = _copy_dataset(root, tmp_path, "oxford_pets")
   # train rows: class c at rows 2c, 2c + 1. Row 2 (class 1's first) takes row 0's label or row 4's name.
-  _edit_rows(path, lambda rows: rows["train"][2].__setitem__(column, rows["train"][0 if column == 1 else 4][column]))
+  _edit_rows(
+    path, lambda rows: rows["train"][2].__setitem__(column, rows["train"][0 if column == 1 else 4][column])
+  )
   with pytest.raises(ValueError, match=expected):
     _open_all(str(tmp_path))
 
@@ -310,30 +353,41 @@ def test_label_classname_mismatch_names_the_row(root, tmp_path, column, expected
 def test_dropped_last_class_and_gaps_are_errors(root, tmp_path):
   path = _copy_dataset(root, tmp_path, "oxford_pets")
   original = json.loads(open(path).read())
-  _edit_rows(path, lambda rows: [rows[s].__setitem__(slice(None), [r for r in rows[s] if r[1] != 36])
-                                 for s in rows])
-  with pytest.raises(ValueError, match=r"split 'train' has no rows of label\(s\) 36: the file lists labels "
-                                       r"0\.\.35 but the dataset has 37 classes: the last classes are missing"):
+  _edit_rows(
+    path, lambda rows: [rows[s].__setitem__(slice(None), [r for r in rows[s] if r[1] != 36]) for s in rows]
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"split 'train' has no rows of label\(s\) 36: the file lists labels "
+    r"0\.\.35 but the dataset has 37 classes: the last classes are missing",
+  ):
     _open_all(str(tmp_path))
   # A class missing from one split only.
   rows = {s: list(v) for s, v in original.items()}
   rows["val"] = [r for r in rows["val"] if r[1] != 3]
   open(path, "w").write(json.dumps(rows))
-  with pytest.raises(ValueError, match=r"split 'val' has no rows of label\(s\) 3 \('basset_hound'\): every class "
-                                       r"must appear in every split"):
+  with pytest.raises(
+    ValueError,
+    match=r"split 'val' has no rows of label\(s\) 3 \('basset_hound'\): every class "
+    r"must appear in every split",
+  ):
     _open_all(str(tmp_path))
   # A label past the dataset's classes, a malformed row, a file that is not JSON.
   rows = {s: list(v) for s, v in original.items()}
   rows["test"][5] = [rows["test"][5][0], 37, "extra"]
   open(path, "w").write(json.dumps(rows))
-  with pytest.raises(ValueError, match=r"split_zhou_OxfordPets\.json: test row 5: label 37 is outside 0\.\.36"):
+  with pytest.raises(
+    ValueError, match=r"split_zhou_OxfordPets\.json: test row 5: label 37 is outside 0\.\.36"
+  ):
     _open_all(str(tmp_path))
   rows["test"][5] = [rows["test"][5][0], "three", "x"]
   open(path, "w").write(json.dumps(rows))
   with pytest.raises(ValueError, match=r"test row 5: expected \[image path, label >= 0, class name\]"):
     _open_all(str(tmp_path))
   open(path, "w").write(json.dumps(original)[:-20])
-  with pytest.raises(ValueError, match=r"split_zhou_OxfordPets\.json: cannot read the split file: JSONDecodeError"):
+  with pytest.raises(
+    ValueError, match=r"split_zhou_OxfordPets\.json: cannot read the split file: JSONDecodeError"
+  ):
     _open_all(str(tmp_path))
 
 
@@ -342,7 +396,9 @@ def test_fgvc_variant_and_list_errors(root, tmp_path):
   listing = tmp_path / "fgvc_aircraft" / "images_variant_val.txt"
   lines = listing.read_text().splitlines()
   listing.write_text("\n".join(lines[:3] + [lines[3].split(" ")[0] + " Boeing 9999"] + lines[4:]) + "\n")
-  with pytest.raises(ValueError, match=r"images_variant_val\.txt:4: variant 'Boeing 9999' is not in variants\.txt"):
+  with pytest.raises(
+    ValueError, match=r"images_variant_val\.txt:4: variant 'Boeing 9999' is not in variants\.txt"
+  ):
     _open_all(str(tmp_path), "fgvc_aircraft")
   variants = tmp_path / "fgvc_aircraft" / "variants.txt"
   variants.write_text("\n".join(variants.read_text().splitlines()[:-1]) + "\n")
@@ -360,8 +416,15 @@ def test_missing_image_fails_before_training(root, tmp_path):
   os.remove(missing)
   with pytest.raises(ValueError, match=re.escape(f"1 listed image(s) do not exist: test row 50: {missing}")):
     sources.open_split("ucf101", "train", data_dir=tmp_path / "data")
-  cfg = prompt_run.PromptRunConfig(method="coop", dataset="ucf101", protocol="base2new", num_shots=1,
-                                   data_dir=str(tmp_path / "data"), source="folder", checkpoint="/nonexistent")
+  cfg = prompt_run.PromptRunConfig(
+    method="coop",
+    dataset="ucf101",
+    protocol="base2new",
+    num_shots=1,
+    data_dir=str(tmp_path / "data"),
+    source="folder",
+    checkpoint="/nonexistent",
+  )
   with pytest.raises(ValueError, match="do not exist"):  # before the checkpoint is even loaded
     prompt_run.run(cfg, tmp_path / "run", progress=False)
   assert not (tmp_path / "run").exists()
@@ -376,12 +439,19 @@ def test_truncated_jpeg_errors_name_the_file(root, tmp_path):
     data = f.read()
   with open(target, "wb") as f:
     f.write(data[: len(data) // 2])  # a truncated JPEG
-  with pytest.raises(ValueError, match=re.escape(f"caltech101/test: 1 of {len(test)} images cannot be decoded: ")
-                     + ".*" + re.escape(target)):
+  with pytest.raises(
+    ValueError,
+    match=re.escape(f"caltech101/test: 1 of {len(test)} images cannot be decoded: ")
+    + ".*"
+    + re.escape(target),
+  ):
     pipeline.verify_images(test, progress=False, num_threads=2)
   with pytest.raises(ValueError, match=re.escape(f"caltech101/test: {target}: cannot decode image")):
-    list(pipeline.make_pipeline(test.select(np.arange(8)), image_size=16, batch_size=8, train=False,
-                                num_threads=2))
+    list(
+      pipeline.make_pipeline(
+        test.select(np.arange(8)), image_size=16, batch_size=8, train=False, num_threads=2
+      )
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -443,7 +513,9 @@ def test_no_source_path_downloads(no_network, root, tmp_path):
           sources.open_split(name, split, data_dir=empty, source="folder")
     if spec.folder is not None and name in FOLDER_DATASETS:
       assert len(sources.open_split(name, "test", data_dir=root, source="folder")) > 0
-  with pytest.raises(ValueError, match=r"prepare it with `tfds build coco_captions --file_format=array_record"):
+  with pytest.raises(
+    ValueError, match=r"prepare it with `tfds build coco_captions --file_format=array_record"
+  ):
     hessian.open_caption_pairs("coco_captions", "train", data_dir=str(empty))
   assert [p for p in empty.rglob("*") if p.is_file()] == []  # nothing fetched or left in the data folder
 
@@ -461,10 +533,14 @@ def test_dataset_prepared_in_another_format_says_rebuild(monkeypatch):
       return True
 
   monkeypatch.setattr(tfds, "builder", lambda *args, **kwargs: TFRecordBuilder())
-  message = sources.tfds_unavailable_message(get_dataset("oxford_pets"), "test", "/data", NotImplementedError())
-  assert ("TFDS oxford_iiit_pet:4.0.0 is prepared as tfrecord in /data/oxford_iiit_pet/4.0.0, and random access "
-          "needs ArrayRecord files: rebuild with `tfds build oxford_iiit_pet:4.0.0 --file_format=array_record "
-          "--data_dir=/data`") in message
+  message = sources.tfds_unavailable_message(
+    get_dataset("oxford_pets"), "test", "/data", NotImplementedError()
+  )
+  assert (
+    "TFDS oxford_iiit_pet:4.0.0 is prepared as tfrecord in /data/oxford_iiit_pet/4.0.0, and random access "
+    "needs ArrayRecord files: rebuild with `tfds build oxford_iiit_pet:4.0.0 --file_format=array_record "
+    "--data_dir=/data`"
+  ) in message
 
 
 def test_folder_runs_import_no_tfds_and_log_no_noise(root):
@@ -479,8 +555,9 @@ def test_folder_runs_import_no_tfds_and_log_no_noise(root):
     "print('tfds imported:', 'tensorflow_datasets' in sys.modules)\n"
   )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "tfds imported: False" in proc.stdout
   for noise in ("Failed to load", "differ from the registry", "WARNING"):
@@ -508,9 +585,12 @@ def word_checkpoint(tmp_path_factory):
   tokenizer = WordTokenizer(sorted(words))
   config = clip.CLIPConfig(
     vision=clip.VisionConfig(image_size=32, patch_size=16, width=32, layers=1, heads=2, mlp_dim=64),
-    text=clip.TextConfig(vocab_size=tokenizer.vocab_size, context_length=32, width=32, layers=1, heads=2,
-                         mlp_dim=64),
-    embed_dim=32, tokenizer="words.json")
+    text=clip.TextConfig(
+      vocab_size=tokenizer.vocab_size, context_length=32, width=32, layers=1, heads=2, mlp_dim=64
+    ),
+    embed_dim=32,
+    tokenizer="words.json",
+  )
   clip.save_checkpoint(directory, config, clip.init_params(config, jax.random.key(0)))
   tokenizer.to_json(directory / "words.json")
   return str(directory)
@@ -535,30 +615,69 @@ def _check_run(run_dir, root, dataset, splits):
   for metrics in stored["results"].values():
     assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["nll"]) and metrics["num_examples"] > 0
   layout = get_dataset(dataset).folder
-  assert all(f"from folder {os.path.join(root, layout.dataset_dir)}" in d
-             for d in stored["data"].values())
+  assert all(f"from folder {os.path.join(root, layout.dataset_dir)}" in d for d in stored["data"].values())
 
 
 @pytest.mark.usefixtures("fast_compiles")
-@pytest.mark.parametrize("binary,dataset,protocol,variant", [
-  pytest.param("experiments.prompt_learning", "oxford_pets", "base2new", ["--method=coop", "--verify_images"],
-               id="prompt_learning-oxford_pets"),
-  pytest.param("experiments.ove_pg", "ucf101", "fewshot", ["--methods=coop", "--with_ce=false",
-                                                           "--ove_modes=corrected"], id="ove_pg-ucf101"),
-  # Two more compiles for the other two folder formats: the opt-in tier.
-  pytest.param("experiments.ove_pg", "caltech101", "base2new", ["--methods=coop", "--with_ce=false",
-                                                                "--ove_modes=faithful"],
-               id="ove_pg-caltech101", marks=pytest.mark.slow),
-  pytest.param("experiments.prompt_learning", "fgvc_aircraft", "base2new", ["--method=coop"],
-               id="prompt_learning-fgvc_aircraft", marks=pytest.mark.slow),
-])
-def test_binary_trains_coop_from_the_split_files(root, word_checkpoint, tmp_path, binary, dataset, protocol,
-                                                 variant):
+@pytest.mark.parametrize(
+  "binary,dataset,protocol,variant",
+  [
+    pytest.param(
+      "experiments.prompt_learning",
+      "oxford_pets",
+      "base2new",
+      ["--method=coop", "--verify_images"],
+      id="prompt_learning-oxford_pets",
+    ),
+    pytest.param(
+      "experiments.ove_pg",
+      "ucf101",
+      "fewshot",
+      ["--methods=coop", "--with_ce=false", "--ove_modes=corrected"],
+      id="ove_pg-ucf101",
+    ),
+    # Two more compiles for the other two folder formats: the opt-in tier.
+    pytest.param(
+      "experiments.ove_pg",
+      "caltech101",
+      "base2new",
+      ["--methods=coop", "--with_ce=false", "--ove_modes=faithful"],
+      id="ove_pg-caltech101",
+      marks=pytest.mark.slow,
+    ),
+    pytest.param(
+      "experiments.prompt_learning",
+      "fgvc_aircraft",
+      "base2new",
+      ["--method=coop"],
+      id="prompt_learning-fgvc_aircraft",
+      marks=pytest.mark.slow,
+    ),
+  ],
+)
+def test_binary_trains_coop_from_the_split_files(
+  root, word_checkpoint, tmp_path, binary, dataset, protocol, variant
+):
   """`--runlocal` CoOp through the binary on a fake folder dataset: trains and evaluates from its files."""
   run_root = tmp_path / "runs"
-  _run_binary(binary, ["--runlocal", *variant, "--hparams=n_ctx=4", f"--checkpoint={word_checkpoint}",
-                       f"--dataset={dataset}", f"--protocol={protocol}", "--source=folder", f"--data_dir={root}",
-                       "--num_shots=1", "--batch_size=8", "--eval_batch_size=16", "--seeds=3",
-                       f"--run_dir={run_root}", "--noprogress"])
+  _run_binary(
+    binary,
+    [
+      "--runlocal",
+      *variant,
+      "--hparams=n_ctx=4",
+      f"--checkpoint={word_checkpoint}",
+      f"--dataset={dataset}",
+      f"--protocol={protocol}",
+      "--source=folder",
+      f"--data_dir={root}",
+      "--num_shots=1",
+      "--batch_size=8",
+      "--eval_batch_size=16",
+      "--seeds=3",
+      f"--run_dir={run_root}",
+      "--noprogress",
+    ],
+  )
   (run_dir,) = [p.parent for p in run_root.glob("*/seed3/results.json")]
   _check_run(run_dir, root, dataset, {"base", "new"} if protocol == "base2new" else {"all"})

@@ -49,8 +49,10 @@ def test_few_shot_deterministic_per_seed_and_seeds_differ(sampler):
 
 def test_nested_sampler_is_nested_and_independent_of_other_classes():
   labels = _labels([25] * 6)
-  sets = [set(protocols.sample_few_shot(labels, k, seed=2, sampler="nested").tolist())
-          for k in protocols.SHOT_CHOICES]
+  sets = [
+    set(protocols.sample_few_shot(labels, k, seed=2, sampler="nested").tolist())
+    for k in protocols.SHOT_CHOICES
+  ]
   assert all(a <= b for a, b in zip(sets, sets[1:], strict=False))  # 1-shot ⊂ 2-shot ⊂ ... ⊂ 16-shot
   # Dropping class 5 does not change the draw of classes 0..4.
   kept = np.flatnonzero(labels < 5)
@@ -63,8 +65,9 @@ def test_nested_sampler_is_nested_and_independent_of_other_classes():
 def test_few_shot_short_class_takes_what_there_is_or_names_class_and_count(sampler, caplog):
   labels = _labels([20, 3, 20])
   with pytest.raises(ValueError, match=r"class 'cat' \(label 1\) has 3 examples, fewer than the 4 shots"):
-    protocols.sample_few_shot(labels, 4, seed=1, classnames=["dog", "cat", "cow"], on_short="error",
-                              sampler=sampler)
+    protocols.sample_few_shot(
+      labels, 4, seed=1, classnames=["dog", "cat", "cow"], on_short="error", sampler=sampler
+    )
   # The default is Dassl's repeat=False: all 3 of the short class, said in a warning.
   positions = protocols.sample_few_shot(labels, 4, seed=1, classnames=["dog", "cat", "cow"], sampler=sampler)
   np.testing.assert_array_equal(np.bincount(labels[positions]), [4, 3, 4])

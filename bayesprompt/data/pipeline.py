@@ -86,7 +86,11 @@ def make_pipeline(
 
     def augment(example: dict, rng: np.random.Generator) -> dict:
       image = preprocess.train_image(
-        example["image"], size, rng, scale=crop_scale, where=f"{where}: {split.record_description(example['record_id'])}"
+        example["image"],
+        size,
+        rng,
+        scale=crop_scale,
+        where=f"{where}: {split.record_description(example['record_id'])}",
       )
       return {"image": image, "label": example["label"], "record_id": example["record_id"]}
 

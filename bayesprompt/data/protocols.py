@@ -101,7 +101,7 @@ def sample_few_shot(
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
   if isinstance(seed, random.Random) and sampler != "dassl":
-    raise TypeError(f"a random.Random generator is for sampler='dassl'; sampler={sampler!r} needs an int seed")
+    raise TypeError(f"a random.Random is for sampler='dassl'; sampler={sampler!r} needs an int seed")
   if num_classes is None:
     num_classes = int(labels.max()) + 1 if labels.size else 0
   if num_classes == 0:
@@ -116,12 +116,17 @@ def sample_few_shot(
   short = [c for c in range(num_classes) if counts[c] < num_shots]
   for c in short:
     if counts[c] == 0 or on_short == "error":
-      raise ValueError(f"class {name(c)} has {counts[c]} examples, fewer than the {num_shots} shots asked for")
+      raise ValueError(
+        f"class {name(c)} has {counts[c]} examples, fewer than the {num_shots} shots asked for"
+      )
   if short:
+    listed = ", ".join(f"{name(c)}: {counts[c]}" for c in short[:5]) + (" ..." if len(short) > 5 else "")
     logging.getLogger(__name__).warning(
       "%d class(es) have fewer than %d examples; taking all they have (Dassl's repeat=False): %s",
-      len(short), num_shots, ", ".join(f"{name(c)}: {counts[c]}" for c in short[:5]) + (" ..." if len(short) > 5
-                                                                                          else ""))
+      len(short),
+      num_shots,
+      listed,
+    )
   if sampler == "nested":
     chosen = [np.random.default_rng([int(seed), c]).permutation(np.flatnonzero(labels == c))[:num_shots]
               for c in range(num_classes)]

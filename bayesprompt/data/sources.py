@@ -253,7 +253,9 @@ def tfds_build_command(tfds_name: str, data_dir: str | None) -> str:
   return command
 
 
-def tfds_unavailable_message(spec: DatasetSpec, tfds_split: str, data_dir: str | None, error: BaseException) -> str:
+def tfds_unavailable_message(
+  spec: DatasetSpec, tfds_split: str, data_dir: str | None, error: BaseException
+) -> str:
   """One line saying why TFDS `spec.tfds_name` cannot be read from `data_dir` and what to run."""
   import tensorflow_datasets as tfds
 
@@ -276,7 +278,8 @@ def tfds_unavailable_message(spec: DatasetSpec, tfds_split: str, data_dir: str |
   elif prepared_as is None:
     what = f"is not prepared in {where}: prepare it"
   else:
-    what = f"cannot be opened ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): rebuild"
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    what = f"cannot be opened ({type(error).__name__}: {first_line}): rebuild"
   return (f"dataset {spec.name!r} (split {tfds_split!r}): TFDS {spec.tfds_name} {what} with "
           f"`{tfds_build_command(spec.tfds_name, data_dir)}`{folder_hint}. bayesprompt never downloads.")
 
@@ -454,8 +457,8 @@ def _check_folder_table(
   if found > expected:
     bad = min(y for y in uses if y >= expected)
     split, row = next(iter(uses[bad].values()))[0]
-    raise _row_error(where, split, row, f"label {bad} is outside 0..{expected - 1} (the dataset has {expected} "
-                     "classes)")
+    message = f"label {bad} is outside 0..{expected - 1} (the dataset has {expected} classes)"
+    raise _row_error(where, split, row, message)
 
   def listed(places: list[tuple[str, int]]) -> str:
     shown = ", ".join(f"{split} row {row}" for split, row in places[:3])
@@ -525,7 +528,8 @@ def _read_split_json(split_path: str, image_dir: str) -> dict[str, list[tuple[st
       path, label, name = item
       parsed = _parse_label(label)
       if not isinstance(path, str) or not path or parsed is None or parsed < 0:
-        raise _row_error(split_path, split, row, f"expected [image path, label >= 0, class name], got {item!r}")
+        message = f"expected [image path, label >= 0, class name], got {item!r}"
+        raise _row_error(split_path, split, row, message)
       if not isinstance(name, str) or not name.strip():
         raise _row_error(split_path, split, row, f"class name must be a non-blank str, got {name!r}")
       out.append((os.path.join(image_dir, path), parsed, name))

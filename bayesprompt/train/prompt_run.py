@@ -91,7 +91,8 @@ def _protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
 
     kwargs["targets"] = list(sandbox.CROSS_DATASET_TARGETS if cfg.protocol == "xd" else sandbox.SHIFT_TARGETS)
   if cfg.source is not None:
-    kwargs["sources"] = {name: cfg.source for name in (cfg.dataset, *kwargs.get("targets", _default_targets(cfg)))}
+    targets = kwargs.get("targets", _default_targets(cfg))
+    kwargs["sources"] = {name: cfg.source for name in (cfg.dataset, *targets)}
   if cfg.protocol == "xd":
     return protocols.cross_dataset(**kwargs)
   if cfg.protocol == "dg":
@@ -271,8 +272,8 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
                              train_classnames=train_split.classnames)
   writer.write_scalars(int(state.step), {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()})
   data_read = {"train": repr(train_split), **{name: repr(split) for name, split in evals.items()}}
-  writer.write_json("results.json", {"config": cfg.to_json(), "results": results, "train_seconds": train_seconds,
-                                     "data": data_read})
+  writer.write_json("results.json", {"config": cfg.to_json(), "results": results,
+                                     "train_seconds": train_seconds, "data": data_read})
   writer.close()
   return results
 
@@ -310,8 +311,8 @@ def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str
   state = manager.restore(step, template)
   manager.close()
   if protocol == "base2new":
-    data = protocols.base_to_new(dataset, seed=cfg.seed, num_shots=cfg.num_shots, train=False, data_dir=data_dir,
-                                 source=source)
+    data = protocols.base_to_new(dataset, seed=cfg.seed, num_shots=cfg.num_shots, train=False,
+                                 data_dir=data_dir, source=source)
   else:
     data = protocols.zero_shot(dataset, protocol="all", data_dir=data_dir, source=source)
   return {name: evaluate(learner, state.params, clip_params, split, batch_size=cfg.eval_batch_size, seed=cfg.seed,
