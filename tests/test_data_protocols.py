@@ -47,6 +47,20 @@ def test_few_shot_deterministic_per_seed_and_seeds_differ(sampler):
   assert len(draws) == 3
 
 
+def test_nested_sampler_is_the_draw_of_the_recorded_sandbox_tables():
+  """The sandbox's default: per class c the first K of default_rng([seed, c]).permutation(its positions)."""
+  from bayesprompt.data import get_dataset
+
+  assert get_dataset("sandbox_shapes").few_shot_sampler == "nested"
+  labels = _labels([9, 30, 17], seed=5)
+  expected = np.sort(
+    np.concatenate(
+      [np.random.default_rng([4, c]).permutation(np.flatnonzero(labels == c))[:8] for c in range(3)]
+    )
+  )
+  np.testing.assert_array_equal(protocols.sample_few_shot(labels, 8, seed=4, sampler="nested"), expected)
+
+
 def test_nested_sampler_is_nested_and_independent_of_other_classes():
   labels = _labels([25] * 6)
   sets = [
