@@ -489,7 +489,7 @@ def no_network(monkeypatch):
 
 
 def test_no_source_path_downloads(no_network, root, tmp_path):
-  from bayesprompt.bayes import hessian
+  from bayesprompt.bayesvlm import hessian
   from bayesprompt.data import dataset_names
 
   empty = tmp_path / "empty"
