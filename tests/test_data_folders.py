@@ -350,41 +350,53 @@ def test_label_classname_mismatch_names_the_row(root, tmp_path, column, expected
     _open_all(str(tmp_path))
 
 
-def test_dropped_last_class_and_gaps_are_errors(root, tmp_path):
+def _drop_label(rows, splits, label):
+  for split in splits:
+    rows[split] = [r for r in rows[split] if r[1] != label]
+
+
+def _set_row(rows, split, row, label, name):
+  rows[split][row] = [rows[split][row][0], label, name]
+
+
+@pytest.mark.parametrize(
+  "edit,expected",
+  [
+    # The last class dropped from the file: it would silently shift the base/new split.
+    (
+      lambda rows: _drop_label(rows, ("train", "val", "test"), 36),
+      r"split 'train' has no rows of label\(s\) 36: the file lists labels 0\.\.35 but the dataset has 37 "
+      r"classes: the last classes are missing",
+    ),
+    # A class missing from one split only.
+    (
+      lambda rows: _drop_label(rows, ("val",), 3),
+      r"split 'val' has no rows of label\(s\) 3 \('basset_hound'\): every class must appear in every split",
+    ),
+    # A label past the dataset's classes; a label that is not an integer.
+    (
+      lambda rows: _set_row(rows, "test", 5, 37, "extra"),
+      r"split_zhou_OxfordPets\.json: test row 5: label 37 is outside 0\.\.36",
+    ),
+    (
+      lambda rows: _set_row(rows, "test", 5, "three", "x"),
+      r"split_zhou_OxfordPets\.json: test row 5: expected \[image path, label >= 0, class name\]",
+    ),
+  ],
+)
+def test_dropped_last_class_gaps_and_bad_rows_are_errors(root, tmp_path, edit, expected):
   path = _copy_dataset(root, tmp_path, "oxford_pets")
-  original = json.loads(open(path).read())
-  _edit_rows(
-    path, lambda rows: [rows[s].__setitem__(slice(None), [r for r in rows[s] if r[1] != 36]) for s in rows]
-  )
-  with pytest.raises(
-    ValueError,
-    match=r"split 'train' has no rows of label\(s\) 36: the file lists labels "
-    r"0\.\.35 but the dataset has 37 classes: the last classes are missing",
-  ):
+  _edit_rows(path, edit)
+  with pytest.raises(ValueError, match=expected):
     _open_all(str(tmp_path))
-  # A class missing from one split only.
-  rows = {s: list(v) for s, v in original.items()}
-  rows["val"] = [r for r in rows["val"] if r[1] != 3]
-  open(path, "w").write(json.dumps(rows))
-  with pytest.raises(
-    ValueError,
-    match=r"split 'val' has no rows of label\(s\) 3 \('basset_hound'\): every class "
-    r"must appear in every split",
-  ):
-    _open_all(str(tmp_path))
-  # A label past the dataset's classes, a malformed row, a file that is not JSON.
-  rows = {s: list(v) for s, v in original.items()}
-  rows["test"][5] = [rows["test"][5][0], 37, "extra"]
-  open(path, "w").write(json.dumps(rows))
-  with pytest.raises(
-    ValueError, match=r"split_zhou_OxfordPets\.json: test row 5: label 37 is outside 0\.\.36"
-  ):
-    _open_all(str(tmp_path))
-  rows["test"][5] = [rows["test"][5][0], "three", "x"]
-  open(path, "w").write(json.dumps(rows))
-  with pytest.raises(ValueError, match=r"test row 5: expected \[image path, label >= 0, class name\]"):
-    _open_all(str(tmp_path))
-  open(path, "w").write(json.dumps(original)[:-20])
+
+
+def test_split_file_that_is_not_json(root, tmp_path):
+  path = _copy_dataset(root, tmp_path, "oxford_pets")
+  with open(path) as f:
+    text = f.read()
+  with open(path, "w") as f:
+    f.write(text[:-20])
   with pytest.raises(
     ValueError, match=r"split_zhou_OxfordPets\.json: cannot read the split file: JSONDecodeError"
   ):
