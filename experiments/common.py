@@ -28,7 +28,17 @@ def define_prompt_flags() -> None:
   flags.DEFINE_list("extra_eval_datasets", [], "More test sets evaluated under the same protocol (e.g. shifts).")
   flags.DEFINE_string("checkpoint", defaults.checkpoint,
                       "CLIP checkpoint: open_clip / transformers directory, .safetensors file, or a name ('sandbox').")
-  flags.DEFINE_string("data_dir", None, "TFDS data_dir (as every TFDS user expects).")
+  flags.DEFINE_string("data_dir", None,
+                      "TFDS data_dir, or the Dassl data root (CoOp's DATASET.ROOT) for folder sources.")
+  flags.DEFINE_enum("source", None, ["tfds", "folder"],
+                    "Read every dataset from TFDS or from Dassl's folders + split files (default: each "
+                    "dataset's, see bayesprompt/data/README.md).")
+  flags.DEFINE_enum("few_shot_sampler", None, ["dassl", "nested"],
+                    "Few-shot draw: dassl = CoOp's images; nested = K-shot sets nested across K (default: "
+                    "the dataset's: dassl for the benchmark, nested for the sandbox).")
+  flags.DEFINE_enum("on_short", defaults.on_short, ["all", "error"],
+                    "A class with fewer than --num_shots examples: take all it has (Dassl) or stop.")
+  flags.DEFINE_bool("verify_images", False, "Decode every image of every split once before training.")
   flags.DEFINE_integer("num_shots", defaults.num_shots, "Shots per class (1, 2, 4, 8, 16).")
   flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds; results are mean ± std over them.")
   flags.DEFINE_integer("epochs", defaults.epochs, "Training epochs.")
@@ -95,7 +105,9 @@ def objective_kwargs_from_flags() -> dict:
 def base_config(method: str, objective: str, objective_kwargs: dict, seed: int) -> prompt_run.PromptRunConfig:
   cfg = prompt_run.PromptRunConfig(
       method=method, objective=objective, protocol=FLAGS.protocol, dataset=FLAGS.dataset,
-      targets=tuple(FLAGS.targets), extra_eval_datasets=tuple(FLAGS.extra_eval_datasets), checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir, num_shots=FLAGS.num_shots,
+      targets=tuple(FLAGS.targets), extra_eval_datasets=tuple(FLAGS.extra_eval_datasets), checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir,
+      source=FLAGS.source,
+      few_shot_sampler=FLAGS.few_shot_sampler, on_short=FLAGS.on_short, num_shots=FLAGS.num_shots,
       seed=seed, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, lr=FLAGS.lr,
       weight_decay=FLAGS.weight_decay, warmup_epochs=FLAGS.warmup_epochs, warmup_lr=FLAGS.warmup_lr,
       learner_kwargs=parse_key_values(FLAGS.hparams, "hparams"), objective_kwargs=objective_kwargs,
@@ -130,7 +142,8 @@ def run_variants(variants: list[tuple[str, str, dict]], *, title: str) -> dict:
       cfg = base_config(method, objective, objective_kwargs, seed)
       run_dir = root / name.replace("+", "_").replace(",", "_").replace("=", "-") / f"seed{seed}"
       logging.info("run %s seed %d -> %s", name, seed, run_dir)
-      results = prompt_run.run(cfg, run_dir, resume=FLAGS.resume, progress=FLAGS.progress, mesh=mesh)
+      results = prompt_run.run(cfg, run_dir, resume=FLAGS.resume, progress=FLAGS.progress, mesh=mesh,
+                               verify_images=FLAGS.verify_images)
       all_results[(name, seed)] = results
       for split, metrics in results.items():
         writer.add(name, seed, {k: v for k, v in metrics.items() if k != "num_examples"}, split=split)
@@ -161,7 +174,7 @@ def accuracy_table(summary: list[dict], title: str) -> str:
 
 
 def evaluate_run_dir(run_dir: str, *, dataset: str, protocol: str, data_dir: str | None,
-                     max_eval_examples: int | None) -> dict:
+                     max_eval_examples: int | None, source: str | None = None) -> dict:
   """Evaluates a trained run (its latest checkpoint) on another dataset / class list."""
   return prompt_run.evaluate_trained(run_dir, dataset=dataset, protocol=protocol, data_dir=data_dir,
-                                     max_eval_examples=max_eval_examples)
+                                     max_eval_examples=max_eval_examples, source=source)

@@ -4,6 +4,8 @@ r"""Train and evaluate a prompt learner under one of the field's protocols.
   python -m experiments.prompt_learning --method=maple --protocol=base2new --dataset=oxford_pets \
       --checkpoint=/path/to/ViT-B-16 --data_dir=~/tensorflow_datasets --seeds=1,2,3
   python -m experiments.prompt_learning --eval_only --run_dir=runs/coop/seed1 --dataset=dtd --protocol=fewshot
+  python -m experiments.prompt_learning --method=coop --protocol=fewshot --num_shots=16 \
+      --dataset=oxford_pets --source=folder --data_dir=$DATA   # CoOp's split files and few-shot images
 
 Learner hyper-parameters go in --hparams as key=value pairs (e.g. --hparams=n_ctx=4 --hparams=ctx_init="a photo of
 a"); objective options in --objective_hparams likewise.
@@ -26,7 +28,8 @@ def main(argv):
   del argv
   if FLAGS.eval_only:
     results = common.evaluate_run_dir(FLAGS.run_dir, dataset=FLAGS.dataset, protocol=FLAGS.protocol,
-                                      data_dir=FLAGS.data_dir, max_eval_examples=FLAGS.max_eval_examples)
+                                      data_dir=FLAGS.data_dir, max_eval_examples=FLAGS.max_eval_examples,
+                                      source=FLAGS.source)
     print(json.dumps(results, indent=1))
     return
   variants = [(FLAGS.method, FLAGS.objective, common.objective_kwargs_from_flags())]

@@ -2,7 +2,6 @@
 Dassl folder layouts, CLIP preprocessing against hand-computed oracles, determinism, and bad input."""
 
 import io
-import json
 import logging
 import os
 
@@ -178,8 +177,13 @@ def test_real_missing_tfds_split(real_dir):
   )
   with pytest.raises(ValueError, match=r"has no split 'validation'.*\['test', 'train'\]"):
     sources.open_split(bad, "test", data_dir=real_dir)
-  with pytest.raises(ValueError, match="cannot open TFDS"):
-    sources.open_split(REAL, "test", data_dir=os.path.join(real_dir, "nowhere"))
+  nowhere = os.path.join(real_dir, "nowhere")
+  with pytest.raises(ValueError) as err:
+    sources.open_split(REAL, "test", data_dir=nowhere)
+  message = str(err.value)
+  assert "\n" not in message and "is not prepared in" in message and "never downloads" in message
+  assert f"`tfds build bayesprompt_test_images:1.0.0 --file_format=array_record --data_dir={nowhere}`" in message
+  assert not os.path.exists(nowhere) or not os.listdir(nowhere)  # nothing fetched or left behind
 
 
 def test_pipeline_deterministic_per_seed(real_dir):
@@ -218,64 +222,7 @@ def test_eval_pipeline_matches_preprocess_oracle(real_dir):
 # Dassl folder layouts.
 
 
-def _write_image(path, color, size=(40, 30), fmt="JPEG"):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.new("RGB", size, color).save(path, format=fmt)
-
-
-def _ucf_layout(root):
-  actions = ["ApplyEyeMakeup", "Archery", "YoYo"]
-  names = [datasets.ucf101_classname(a).replace(" ", "_") for a in actions]
-  table = {}
-  for split, per_class in (("train", (5, 3, 5)), ("val", (2, 2, 2)), ("test", (2, 2, 2))):
-    rows = []
-    for label, name in enumerate(names):
-      for j in range(per_class[label]):
-        rel = f"{name}/v_{split}_{j}.jpg"
-        _write_image(os.path.join(root, "ucf101", "UCF-101-midframes", rel), (40 * label, 0, 0))
-        rows.append([rel, label, name])
-    table[split] = rows
-  with open(os.path.join(root, "ucf101", "split_zhou_UCF101.json"), "w") as f:
-    json.dump(table, f)
-
-
-def test_folder_split_json(tmp_path, caplog):
-  _ucf_layout(str(tmp_path))
-  test = sources.open_split("ucf101", "test", data_dir=tmp_path)
-  assert test.classnames == ("Apply Eye Makeup", "Archery", "Yo Yo") and len(test) == 6
-  assert "differ from the registry" in caplog.text  # 3 of the 101 classes in this toy layout
-  np.testing.assert_array_equal(test.labels, [0, 0, 1, 1, 2, 2])
-  batch = _first_batch(test, train=False, batch_size=6)
-  _check_batch(batch, test, 6)
-  red = (np.array([80, 0, 0]) / 255.0 - preprocess.CLIP_MEAN) / preprocess.CLIP_STD  # class 2 is (80, 0, 0)
-  np.testing.assert_allclose(batch["image"][5], np.broadcast_to(red, (SIZE, SIZE, 3)), atol=0.05)  # JPEG
-  run = protocols.few_shot("ucf101", num_shots=2, seed=3, data_dir=tmp_path)
-  np.testing.assert_array_equal(np.bincount(run.train.labels), [2, 2, 2])
-  with pytest.raises(
-    ValueError, match="class 'Archery' \\(label 1\\) has 3 examples, fewer than the 4 shots"
-  ):
-    protocols.few_shot("ucf101", num_shots=4, seed=3, data_dir=tmp_path)
-
-
-def test_folder_fgvc_variants_and_undecodable_image(tmp_path):
-  root = tmp_path / "fgvc_aircraft"
-  (root / "images").mkdir(parents=True)
-  (root / "variants.txt").write_text("707-320\nA300B4\nF/A-18\n")
-  for split in ("train", "val", "test"):
-    lines = []
-    for k, variant in enumerate(["707-320", "A300B4", "F/A-18"]):
-      image_id = f"{split}{k}"
-      _write_image(str(root / "images" / f"{image_id}.jpg"), (0, 60 * k, 0), fmt="PNG")
-      lines.append(f"{image_id} {variant}")
-    (root / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
-  test = sources.open_split("fgvc_aircraft", "test", data_dir=tmp_path)
-  assert test.classnames == ("707-320", "A300B4", "F/A-18") and list(test.labels) == [0, 1, 2]
-  _check_batch(_first_batch(test, train=False, batch_size=3), test, 3)
-  (root / "images" / "test1.jpg").write_bytes(b"this is not an image")
-  with pytest.raises(ValueError, match=r"fgvc_aircraft/test record 1: cannot decode image"):
-    _first_batch(test, train=False, batch_size=3)
-  with pytest.raises(ValueError, match="variants.txt not found"):
-    sources.open_split("fgvc_aircraft", "train", data_dir=tmp_path / "elsewhere")
+# The folder formats, their checks and CoOp's draws on them: tests/test_data_folders.py.
 
 
 def test_folder_needs_data_dir_and_split_file(tmp_path):

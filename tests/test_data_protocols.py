@@ -29,40 +29,64 @@ def _labels(counts, seed=0):
   return np.random.default_rng(seed).permutation(labels)
 
 
+@pytest.mark.parametrize("sampler", protocols.SAMPLERS)
 @pytest.mark.parametrize("k", protocols.SHOT_CHOICES)
-def test_few_shot_exact_counts(k):
+def test_few_shot_exact_counts(k, sampler):
   labels = _labels([20, 16, 33, 17, 40])
-  positions = protocols.sample_few_shot(labels, k, seed=1)
+  positions = protocols.sample_few_shot(labels, k, seed=1, sampler=sampler)
   assert len(set(positions.tolist())) == len(positions)  # no repeats
   np.testing.assert_array_equal(np.bincount(labels[positions], minlength=5), np.full(5, k))
 
 
-def test_few_shot_deterministic_per_seed_and_seeds_differ():
+@pytest.mark.parametrize("sampler", protocols.SAMPLERS)
+def test_few_shot_deterministic_per_seed_and_seeds_differ(sampler):
   labels = _labels([30] * 8)
-  a = protocols.sample_few_shot(labels, 4, seed=1)
-  np.testing.assert_array_equal(a, protocols.sample_few_shot(labels, 4, seed=1))
-  draws = {tuple(protocols.sample_few_shot(labels, 4, seed=s)) for s in (1, 2, 3)}
+  a = protocols.sample_few_shot(labels, 4, seed=1, sampler=sampler)
+  np.testing.assert_array_equal(a, protocols.sample_few_shot(labels, 4, seed=1, sampler=sampler))
+  draws = {tuple(protocols.sample_few_shot(labels, 4, seed=s, sampler=sampler)) for s in (1, 2, 3)}
   assert len(draws) == 3
 
 
-def test_few_shot_nested_and_independent_of_other_classes():
+def test_nested_sampler_is_the_draw_of_the_recorded_sandbox_tables():
+  """The sandbox's default: per class c the first K of default_rng([seed, c]).permutation(its positions)."""
+  from bayesprompt.data import get_dataset
+
+  assert get_dataset("sandbox_shapes").few_shot_sampler == "nested"
+  labels = _labels([9, 30, 17], seed=5)
+  expected = np.sort(
+    np.concatenate(
+      [np.random.default_rng([4, c]).permutation(np.flatnonzero(labels == c))[:8] for c in range(3)]
+    )
+  )
+  np.testing.assert_array_equal(protocols.sample_few_shot(labels, 8, seed=4, sampler="nested"), expected)
+
+
+def test_nested_sampler_is_nested_and_independent_of_other_classes():
   labels = _labels([25] * 6)
-  sets = [set(protocols.sample_few_shot(labels, k, seed=2).tolist()) for k in protocols.SHOT_CHOICES]
+  sets = [
+    set(protocols.sample_few_shot(labels, k, seed=2, sampler="nested").tolist())
+    for k in protocols.SHOT_CHOICES
+  ]
   assert all(a <= b for a, b in zip(sets, sets[1:], strict=False))  # 1-shot ⊂ 2-shot ⊂ ... ⊂ 16-shot
-  # Dropping class 5 does not change the draw of classes 0..4 (CoOp samples all classes, then subsamples).
+  # Dropping class 5 does not change the draw of classes 0..4.
   kept = np.flatnonzero(labels < 5)
-  sub = kept[protocols.sample_few_shot(labels[kept], 4, seed=2, num_classes=5)]
-  full = protocols.sample_few_shot(labels, 4, seed=2)
+  sub = kept[protocols.sample_few_shot(labels[kept], 4, seed=2, num_classes=5, sampler="nested")]
+  full = protocols.sample_few_shot(labels, 4, seed=2, sampler="nested")
   np.testing.assert_array_equal(sub, full[labels[full] < 5])
 
 
-def test_few_shot_short_class_names_class_and_count():
+@pytest.mark.parametrize("sampler", protocols.SAMPLERS)
+def test_few_shot_short_class_takes_what_there_is_or_names_class_and_count(sampler, caplog):
   labels = _labels([20, 3, 20])
   with pytest.raises(ValueError, match=r"class 'cat' \(label 1\) has 3 examples, fewer than the 4 shots"):
-    protocols.sample_few_shot(labels, 4, seed=1, classnames=["dog", "cat", "cow"])
-  # Dassl's repeat=False behaviour on request: all 3 of the short class.
-  positions = protocols.sample_few_shot(labels, 4, seed=1, on_short="all")
+    protocols.sample_few_shot(
+      labels, 4, seed=1, classnames=["dog", "cat", "cow"], on_short="error", sampler=sampler
+    )
+  # The default is Dassl's repeat=False: all 3 of the short class, said in a warning.
+  positions = protocols.sample_few_shot(labels, 4, seed=1, classnames=["dog", "cat", "cow"], sampler=sampler)
   np.testing.assert_array_equal(np.bincount(labels[positions]), [4, 3, 4])
+  np.testing.assert_array_equal(np.sort(positions[labels[positions] == 1]), np.flatnonzero(labels == 1))
+  assert "'cat' (label 1): 3" in caplog.text
 
 
 def test_few_shot_missing_class_and_bad_arguments():
@@ -74,6 +98,10 @@ def test_few_shot_missing_class_and_bad_arguments():
     protocols.sample_few_shot(np.zeros(0, int), 1, seed=1)
   with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
     protocols.sample_few_shot(np.array([0, 1, 5]), 1, seed=1, num_classes=2)
+  with pytest.raises(ValueError, match="sampler must be one of"):
+    protocols.sample_few_shot(np.array([0, 1]), 1, seed=1, sampler="coop")
+  with pytest.raises(ValueError, match="on_short must be one of"):
+    protocols.sample_few_shot(np.array([0, 1]), 1, seed=1, on_short="repeat")
 
 
 @pytest.mark.parametrize("counts", [[10, 11, 7, 25], [5] * 10, [1, 2, 3]])

@@ -51,6 +51,9 @@ def test_entry_classnames_and_template(name):
   assert spec.notes, "every entry documents its partition"
   if spec.tfds_name is None:
     assert spec.source == "folder" and spec.folder is not None
+  if spec.folder is not None:  # the class count a split file must list (checked without importing TFDS)
+    assert spec.folder.num_classes == EXPECTED_CLASSES[name]
+  assert spec.few_shot_sampler == "dassl"  # CoOp's draw for the field's datasets
   subset = data.resolve_label_subset(spec)
   if subset is not None:
     assert len(subset) == len(names) and len(set(subset)) == len(subset)

@@ -124,13 +124,19 @@ def open_caption_pairs(
     source = builder.data_source(config, split, data_dir)
   else:
     if name.startswith("sandbox_world"):
-      import bayesprompt.data.sandbox  # noqa: F401 -- registers the builder.
+      from bayesprompt.data.sandbox import builder
+
+      # Generated on first use (never downloaded); `tfds.data_source` below does not prepare anything.
+      builder.prepare(name.split("/", 1)[1].split(":")[0] if "/" in name else "colour_shape", data_dir)
     try:
-      source = tfds.data_source(name, split=split, data_dir=data_dir)
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as err:  # noqa: BLE001 -- re-raised with what to do.
+      from bayesprompt.data.sources import tfds_build_command
+
       raise ValueError(
-        f"cannot open caption dataset {name!r} split {split!r} (data_dir={data_dir!r}): "
-        f"{type(err).__name__}: {err}"
+        f"cannot open caption dataset {name!r} split {split!r} (data_dir={data_dir!r}; "
+        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): prepare it with "
+        f"`{tfds_build_command(name, data_dir)}`. bayesprompt never downloads."
       ) from err
   if len(source) == 0:
     raise ValueError(f"caption dataset {name!r} split {split!r} is empty")

@@ -201,7 +201,7 @@ SPECS = (
     splits={"train": _TRAIN_80, "val": _VAL_20, "test": "test"},
     classnames=_caltech_classnames,
     label_subset=_caltech_order,
-    folder=FolderLayout("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    folder=FolderLayout("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", num_classes=100),
     notes="TFDS: 30 images per class for train (80/20 train/val carve), the rest is test; CoOp's "
     "split_zhou_Caltech101.json is a random 50/20/30 split (use --source=folder for it). Both drop "
     "BACKGROUND_Google and Faces_easy (100 classes) and use CoOp's label order.",
@@ -212,7 +212,7 @@ SPECS = (
     splits={"train": _TRAIN_80, "val": _VAL_20, "test": "test"},
     classnames=_pets_classnames,
     template="a photo of a {}, a type of pet.",
-    folder=FolderLayout("oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    folder=FolderLayout("oxford_pets", "images", "split_zhou_OxfordPets.json", num_classes=37),
     notes="Official trainval/test as CoOp; TFDS train (= trainval) is carved 80/20 into train/val per class "
     "as Dassl does (different random draw from split_zhou_OxfordPets.json). Test identical.",
   ),
@@ -221,7 +221,7 @@ SPECS = (
     tfds_name="cars196:2.1.0",
     splits={"train": _TRAIN_80, "val": _VAL_20, "test": "test"},
     classnames=_cars_classnames,
-    folder=FolderLayout("stanford_cars", "", "split_zhou_StanfordCars.json"),
+    folder=FolderLayout("stanford_cars", "", "split_zhou_StanfordCars.json", num_classes=196),
     notes="Official train/test as CoOp; TFDS train carved 80/20 into train/val per class as Dassl does. "
     "Test identical.",
   ),
@@ -235,7 +235,7 @@ SPECS = (
     },
     classnames=_flowers_classnames,
     template="a photo of a {}, a type of flower.",
-    folder=FolderLayout("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    folder=FolderLayout("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", num_classes=102),
     notes="TFDS: the official split (10 train + 10 val per class, 6149 test); train+val (20 per class) is "
     "carved 16/4 into train/val so that 16 shots exist. CoOp's split_zhou_OxfordFlowers.json is a "
     "random 50/20/30 split (use --source=folder for it).",
@@ -246,7 +246,7 @@ SPECS = (
     splits={"train": _TRAIN_80, "val": _VAL_20, "test": "validation"},
     classnames=_food_classnames,
     template="a photo of {}, a type of food.",
-    folder=FolderLayout("food-101", "images", "split_zhou_Food101.json"),
+    folder=FolderLayout("food-101", "images", "split_zhou_Food101.json", num_classes=101),
     notes="TFDS: the official split; TFDS 'validation' is Food-101's official test set (25,250 images, as "
     "BayesVLM and torchvision use); train carved 80/20. CoOp's split_zhou_Food101.json is a random "
     "50/20/30 split (use --source=folder for it).",
@@ -258,7 +258,7 @@ SPECS = (
     classnames=_fgvc_classnames,
     template="a photo of a {}, a type of aircraft.",
     source="folder",
-    folder=FolderLayout("fgvc_aircraft", "images", "", reader="fgvc_variants"),
+    folder=FolderLayout("fgvc_aircraft", "images", "", reader="fgvc_variants", num_classes=100),
     notes="Not in TFDS 4.9. Read from the official fgvc-aircraft-2013b data/ directory (variants.txt, "
     "images_variant_{train,val,test}.txt) as CoOp does: the identical partition.",
   ),
@@ -267,7 +267,7 @@ SPECS = (
     tfds_name="sun397/standard-part1-120k:4.0.0",
     splits={"train": _TRAIN_80, "val": _VAL_20, "test": "test"},
     classnames=_sun397_classnames,
-    folder=FolderLayout("sun397", "SUN397", "split_zhou_SUN397.json"),
+    folder=FolderLayout("sun397", "SUN397", "split_zhou_SUN397.json", num_classes=397),
     notes="TFDS config standard-part1-120k = the official partition 1 (Training_01/Testing_01) that CoOp "
     "uses, with images downscaled to <= 120k pixels; train carved 80/20 as Dassl does. Test has "
     "the same images. split_zhou_SUN397.json (--source=folder) reproduces CoOp's val exactly.",
@@ -278,7 +278,7 @@ SPECS = (
     splits={"train": "train", "val": "validation", "test": "test"},
     classnames=_dtd_classnames,
     template="{} texture.",
-    folder=FolderLayout("dtd", "images", "split_zhou_DescribableTextures.json"),
+    folder=FolderLayout("dtd", "images", "split_zhou_DescribableTextures.json", num_classes=47),
     notes="TFDS: the official split 1 (40/40/40 per class). CoOp's split_zhou_DescribableTextures.json is "
     "a random 50/20/30 split (use --source=folder for it).",
   ),
@@ -292,7 +292,7 @@ SPECS = (
     },
     classnames=_eurosat_classnames,
     template="a centered satellite photo of {}.",
-    folder=FolderLayout("eurosat", "2750", "split_zhou_EuroSAT.json"),
+    folder=FolderLayout("eurosat", "2750", "split_zhou_EuroSAT.json", num_classes=10),
     notes="TFDS has one split of 27,000 images; it is carved 50/20/30 per class, the proportions of CoOp's "
     "split_zhou_EuroSAT.json but another draw (use --source=folder for CoOp's).",
   ),
@@ -303,7 +303,7 @@ SPECS = (
     classnames=_ucf101_classnames,
     template="a photo of a person doing {}.",
     source="folder",
-    folder=FolderLayout("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+    folder=FolderLayout("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", num_classes=101),
     notes="TFDS's ucf101 is video (needs tensorflow) and has no mid-frames; CoOp's UCF-101-midframes + "
     "split_zhou_UCF101.json (trainlist01/testlist01, train carved 80/20) is read as is.",
   ),

@@ -86,7 +86,11 @@ def make_pipeline(
 
     def augment(example: dict, rng: np.random.Generator) -> dict:
       image = preprocess.train_image(
-        example["image"], size, rng, scale=crop_scale, where=f"{where} record {example['record_id']}"
+        example["image"],
+        size,
+        rng,
+        scale=crop_scale,
+        where=f"{where}: {split.record_description(example['record_id'])}",
       )
       return {"image": image, "label": example["label"], "record_id": example["record_id"]}
 
@@ -94,7 +98,9 @@ def make_pipeline(
   else:
 
     def resize(example: dict) -> dict:
-      image = preprocess.eval_image(example["image"], size, where=f"{where} record {example['record_id']}")
+      image = preprocess.eval_image(
+        example["image"], size, where=f"{where}: {split.record_description(example['record_id'])}"
+      )
       return {"image": image, "label": example["label"], "record_id": example["record_id"]}
 
     ds = ds.map(resize)
@@ -105,6 +111,40 @@ def make_pipeline(
   if num_workers > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter_ds
+
+
+def verify_images(split: LabeledSplit, *, num_threads: int = 8, progress: bool = True) -> int:
+  """Reads and decodes every image of `split` once (in `num_threads` threads, with a progress bar), so that
+  an unreadable or truncated file fails before training rather than in the middle of it.
+
+  Returns the number of images checked. Raises ValueError listing every image that failed (file path for
+  folder sources, record number for TFDS) with PIL's reason.
+  """
+  import concurrent.futures
+
+  import tqdm
+
+  where = f"{split.dataset}/{split.split}"
+
+  def check(position: int) -> str | None:
+    record_id = int(split.record_ids[position])
+    try:
+      preprocess.decode_image(split[position]["image"], where=split.record_description(record_id))
+    except ValueError as e:
+      return str(e)
+    return None
+
+  failures = []
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+    results = pool.map(check, range(len(split)))
+    for failure in tqdm.tqdm(results, total=len(split), desc=f"verify {where}", unit="image",
+                             disable=not progress, leave=False):
+      if failure is not None:
+        failures.append(failure)
+  if failures:
+    shown = "; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
+    raise ValueError(f"{where}: {len(failures)} of {len(split)} images cannot be decoded: {shown}")
+  return len(split)
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> tuple[dict[str, np.ndarray], int]:

@@ -7,18 +7,30 @@
 - domain generalisation: train on ImageNet (16 shots), evaluate on ImageNet-V2/-Sketch/-A/-R.
 Seeds 1, 2, 3 by default. Sampling reads labels only, never images.
 
-Few-shot draws are per class from a NumPy generator seeded with (seed, class), as a prefix of one
-permutation: the K-shot set contains the K'-shot set for K' < K, a class's draw does not depend on the
-other classes (so K shots of the base classes are K shots of all classes restricted to base, the order in
-which CoOp does it), and different seeds give different sets. CoOp draws with Python's `random` state
-after everything Dassl did before; no other code can reproduce those exact images, only the protocol.
+Two few-shot samplers (`sampler=`; each registry entry names its default, `DatasetSpec.few_shot_sampler`):
+
+- "dassl" (the field's datasets): CoOp's draw. CoOp's train.py calls `set_random_seed(seed)` and nothing
+  consumes Python's `random` before the dataset is built, which calls Dassl's
+  `generate_fewshot_dataset(train, num_shots=K)` then `generate_fewshot_dataset(val, num_shots=min(K, 4))`:
+  per class in order of first appearance in the split, `random.sample(items, K)`. Here one
+  `random.Random(seed)` makes the same calls in the same order, so on a Dassl split file (same rows, same
+  order) the K-shot train and val images are exactly CoOp's, for every seed and K. The draw is over all
+  classes before the base/new subsampling, as CoOp's. K-shot sets are not nested across K.
+- "nested" (the sandbox's recorded tables): per class from `np.random.default_rng([seed, class])`, a
+  prefix of one permutation: the K-shot set contains the K'-shot set for K' < K and a class's draw does
+  not depend on the other classes -- for curves over K with less sampling noise.
+
+A class with fewer than K examples: both take all it has (`on_short="all"`, Dassl's default
+`repeat=False`, logged as a warning), or refuse (`on_short="error"`). A class with none is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+import random
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +42,8 @@ from bayesprompt.data.sources import LabeledSplit, open_split
 SHOT_CHOICES = (1, 2, 4, 8, 16)
 PROTOCOLS = ("base2new", "few_shot", "cross_dataset", "domain_generalization", "all")
 MAX_VAL_SHOTS = 4
+SAMPLERS = ("dassl", "nested")
+ON_SHORT = ("all", "error")
 
 
 def base_new_classes(num_classes: int) -> tuple[list[int], list[int]]:
@@ -53,50 +67,79 @@ def subsample_classes(split: LabeledSplit, which: str) -> LabeledSplit:
 def sample_few_shot(
   labels: np.ndarray,
   num_shots: int,
-  seed: int,
+  seed: int | random.Random,
   *,
   num_classes: int | None = None,
   classnames: Sequence[str] | None = None,
-  on_short: str = "error",
+  on_short: str = "all",
+  sampler: str = "dassl",
 ) -> np.ndarray:
   """Positions (ascending) of `num_shots` examples of every class, from the labels alone.
 
   Args:
-    labels: int [N] labels in [0, num_classes).
+    labels: int [N] labels in [0, num_classes), in the split's (the split file's) order.
     num_shots: K >= 1 examples per class.
-    seed: the draw is a function of (seed, class) only.
+    seed: an int, or for sampler="dassl" a `random.Random` whose state continues from an earlier draw
+      (CoOp draws val after train from one state; `few_shot_split` callers pass the same generator).
     num_classes: classes expected (default max(labels) + 1); every one must have examples.
-    classnames: for error messages.
-    on_short: "error" (default) if a class has fewer than K examples; "all" takes what it has (Dassl's
-      `generate_fewshot_dataset(repeat=False)`).
+    classnames: for messages.
+    on_short: "all" (default; Dassl's `repeat=False`) takes all the examples of a class with fewer than K,
+      with a warning; "error" refuses.
+    sampler: "dassl" (Dassl's `generate_fewshot_dataset`) or "nested" (see the module docstring).
 
   Raises:
-    ValueError: naming the class and its count when it has fewer than K examples (on_short="error").
+    ValueError: a class without examples, or (on_short="error") with fewer than K, naming it and its count.
   """
   labels = np.asarray(labels)
   if labels.ndim != 1:
     raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
   if not isinstance(num_shots, (int, np.integer)) or num_shots < 1:
     raise ValueError(f"num_shots must be a positive int, got {num_shots!r}")
-  if on_short not in ("error", "all"):
-    raise ValueError(f"on_short must be 'error' or 'all', got {on_short!r}")
+  if on_short not in ON_SHORT:
+    raise ValueError(f"on_short must be one of {ON_SHORT}, got {on_short!r}")
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if isinstance(seed, random.Random) and sampler != "dassl":
+    raise TypeError(f"a random.Random is for sampler='dassl'; sampler={sampler!r} needs an int seed")
   if num_classes is None:
     num_classes = int(labels.max()) + 1 if labels.size else 0
   if num_classes == 0:
     raise ValueError("cannot sample few-shot examples from an empty label set")
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
-  chosen = []
-  for c in range(num_classes):
-    members = np.flatnonzero(labels == c)
-    if len(members) < num_shots and on_short == "error":
-      name = f"{classnames[c]!r} (label {c})" if classnames is not None else f"label {c}"
+
+  def name(c: int) -> str:
+    return f"{classnames[c]!r} (label {c})" if classnames is not None else f"label {c}"
+
+  counts = np.bincount(labels, minlength=num_classes)
+  short = [c for c in range(num_classes) if counts[c] < num_shots]
+  for c in short:
+    if counts[c] == 0 or on_short == "error":
       raise ValueError(
-        f"class {name} has {len(members)} examples, fewer than the {num_shots} shots asked for"
+        f"class {name(c)} has {counts[c]} examples, fewer than the {num_shots} shots asked for"
       )
-    perm = np.random.default_rng([int(seed), c]).permutation(members)
-    chosen.append(perm[:num_shots])
-  return np.sort(np.concatenate(chosen))
+  if short:
+    listed = ", ".join(f"{name(c)}: {counts[c]}" for c in short[:5]) + (" ..." if len(short) > 5 else "")
+    logging.getLogger(__name__).warning(
+      "%d class(es) have fewer than %d examples; taking all they have (Dassl's repeat=False): %s",
+      len(short),
+      num_shots,
+      listed,
+    )
+  if sampler == "nested":
+    chosen = [np.random.default_rng([int(seed), c]).permutation(np.flatnonzero(labels == c))[:num_shots]
+              for c in range(num_classes)]
+    return np.sort(np.concatenate(chosen))
+  rng = seed if isinstance(seed, random.Random) else random.Random(int(seed))
+  groups: dict[int, list[int]] = {}  # Dassl's split_dataset_by_label: classes in order of first appearance.
+  for position, label in enumerate(labels.tolist()):
+    groups.setdefault(label, []).append(position)
+  chosen_positions: list[int] = []
+  for members in groups.values():
+    # random.sample's draws depend only on len(members) and K: sampling positions consumes the generator
+    # exactly as Dassl's sampling of Datum objects does.
+    chosen_positions.extend(rng.sample(members, num_shots) if len(members) >= num_shots else members)
+  return np.sort(np.asarray(chosen_positions, dtype=np.int64))
 
 
 def evaluation_subset(split: LabeledSplit, max_examples: int | None) -> LabeledSplit:
@@ -111,7 +154,13 @@ def evaluation_subset(split: LabeledSplit, max_examples: int | None) -> LabeledS
   return split.select(np.sort(np.random.default_rng(0).choice(len(split), max_examples, replace=False)))
 
 
-def few_shot_split(split: LabeledSplit, num_shots: int, seed: int, on_short: str = "error") -> LabeledSplit:
+def few_shot_split(
+  split: LabeledSplit,
+  num_shots: int,
+  seed: int | random.Random,
+  on_short: str = "all",
+  sampler: str = "dassl",
+) -> LabeledSplit:
   """K examples of every class of `split` (see `sample_few_shot`)."""
   positions = sample_few_shot(
     split.labels,
@@ -120,6 +169,7 @@ def few_shot_split(split: LabeledSplit, num_shots: int, seed: int, on_short: str
     num_classes=split.num_classes,
     classnames=split.classnames,
     on_short=on_short,
+    sampler=sampler,
   )
   return split.select(positions)
 
@@ -153,14 +203,19 @@ def _name(dataset: str | DatasetSpec) -> str:
 
 
 def _train_val(
-  dataset, which: str, num_shots: int, seed: int, **open_kwargs
+  dataset, which: str, num_shots: int, seed: int, sampler: str | None, on_short: str, **open_kwargs
 ) -> tuple[LabeledSplit, LabeledSplit]:
-  train = subsample_classes(
-    few_shot_split(open_split(dataset, "train", **open_kwargs), num_shots, seed), which
-  )
-  val_shots = min(num_shots, MAX_VAL_SHOTS)
-  val = subsample_classes(few_shot_split(open_split(dataset, "val", **open_kwargs), val_shots, seed), which)
-  return train, val
+  """CoOp's order: K shots of every class of train, then min(K, 4) of val (for "dassl" from one continuing
+  `random` state seeded once), then the base/new subsampling of both."""
+  spec = get_dataset(dataset) if isinstance(dataset, str) else dataset
+  sampler = spec.few_shot_sampler if sampler is None else sampler
+  if sampler not in SAMPLERS:
+    raise ValueError(f"few-shot sampler must be one of {SAMPLERS}, got {sampler!r}")
+  rng = random.Random(int(seed)) if sampler == "dassl" else int(seed)
+  train_all, val_all = open_split(spec, "train", **open_kwargs), open_split(spec, "val", **open_kwargs)
+  train = few_shot_split(train_all, num_shots, rng, on_short=on_short, sampler=sampler)
+  val = few_shot_split(val_all, min(num_shots, MAX_VAL_SHOTS), rng, on_short=on_short, sampler=sampler)
+  return subsample_classes(train, which), subsample_classes(val, which)
 
 
 def base_to_new(
@@ -172,11 +227,18 @@ def base_to_new(
   data_dir: str | os.PathLike | None = None,
   source: str | None = None,
   label_cache_dir: str | os.PathLike | None = None,
+  sampler: str | None = None,
+  on_short: str = "all",
 ) -> ProtocolData:
-  """Base-to-new generalisation: K shots of the base classes; test on base and new, each relabelled."""
+  """Base-to-new generalisation: K shots of the base classes; test on base and new, each relabelled.
+
+  `sampler`: "dassl" / "nested" (None: the dataset's default); `on_short`: "all" / "error" (see
+  `sample_few_shot`). Every split is opened (a split file read and checked) before this returns."""
   _check_shots(num_shots)
   kw = dict(data_dir=data_dir, source=source, label_cache_dir=label_cache_dir)
-  train_split, val_split = _train_val(dataset, "base", num_shots, seed, **kw) if train else (None, None)
+  train_split, val_split = (
+    _train_val(dataset, "base", num_shots, seed, sampler, on_short, **kw) if train else (None, None)
+  )
   test = open_split(dataset, "test", **kw)
   return ProtocolData(
     "base2new",
@@ -198,11 +260,16 @@ def few_shot(
   data_dir: str | os.PathLike | None = None,
   source: str | None = None,
   label_cache_dir: str | os.PathLike | None = None,
+  sampler: str | None = None,
+  on_short: str = "all",
 ) -> ProtocolData:
-  """K-shot learning on all classes: K shots for train, min(K, 4) for val, the full test split."""
+  """K-shot learning on all classes: K shots for train, min(K, 4) for val, the full test split
+  (`sampler`, `on_short`: as `base_to_new`)."""
   _check_shots(num_shots)
   kw = dict(data_dir=data_dir, source=source, label_cache_dir=label_cache_dir)
-  train_split, val_split = _train_val(dataset, "all", num_shots, seed, **kw) if train else (None, None)
+  train_split, val_split = (
+    _train_val(dataset, "all", num_shots, seed, sampler, on_short, **kw) if train else (None, None)
+  )
   return ProtocolData(
     "few_shot",
     _name(dataset),
@@ -244,6 +311,8 @@ def _transfer(
   data_dir,
   sources: dict[str, str] | None,
   label_cache_dir,
+  sampler: str | None,
+  on_short: str,
 ) -> ProtocolData:
   _check_shots(num_shots)
   sources = sources or {}
@@ -252,7 +321,9 @@ def _transfer(
     return dict(data_dir=data_dir, source=sources.get(name), label_cache_dir=label_cache_dir)
 
   train_split, val_split = (
-    _train_val(source_dataset, "all", num_shots, seed, **kw(source_dataset)) if train else (None, None)
+    _train_val(source_dataset, "all", num_shots, seed, sampler, on_short, **kw(source_dataset))
+    if train
+    else (None, None)
   )
   evals = {name: open_split(name, "test", **kw(name)) for name in (source_dataset, *targets)}
   return ProtocolData(protocol, source_dataset, seed, num_shots, train_split, val_split, evals)
@@ -268,6 +339,8 @@ def cross_dataset(
   data_dir: str | os.PathLike | None = None,
   sources: dict[str, str] | None = None,
   label_cache_dir: str | os.PathLike | None = None,
+  sampler: str | None = None,
+  on_short: str = "all",
 ) -> ProtocolData:
   """Cross-dataset transfer: train on `source_dataset` (all classes, K shots), test on each target's
   full test split. `sources` maps a dataset name to "tfds"/"folder" where it differs from its default."""
@@ -281,6 +354,8 @@ def cross_dataset(
     data_dir=data_dir,
     sources=sources,
     label_cache_dir=label_cache_dir,
+    sampler=sampler,
+    on_short=on_short,
   )
 
 
@@ -294,6 +369,8 @@ def domain_generalization(
   data_dir: str | os.PathLike | None = None,
   sources: dict[str, str] | None = None,
   label_cache_dir: str | os.PathLike | None = None,
+  sampler: str | None = None,
+  on_short: str = "all",
 ) -> ProtocolData:
   """Domain generalisation: train on ImageNet (K shots), test on ImageNet-V2/-Sketch/-A/-R."""
   return _transfer(
@@ -306,6 +383,8 @@ def domain_generalization(
     data_dir=data_dir,
     sources=sources,
     label_cache_dir=label_cache_dir,
+    sampler=sampler,
+    on_short=on_short,
   )
 
 

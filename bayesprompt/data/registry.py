@@ -40,12 +40,16 @@ class FolderLayout:
     split_file: the split file relative to `dataset_dir` (`split_zhou_OxfordPets.json`).
     reader: "split_json" (Dassl `{"train": [[path, label, classname], ...], "val": ..., "test": ...}`)
       or "fgvc_variants" (FGVC-Aircraft's `variants.txt` + `images_variant_{train,val,test}.txt`).
+    num_classes: the classes the files must list (labels 0..num_classes-1, each in every split); a file
+      that lacks the last classes is refused instead of silently shifting the base/new split. None:
+      whatever the file has (datasets registered without a known class count).
   """
 
   dataset_dir: str
   image_dir: str
   split_file: str = ""
   reader: str = "split_json"
+  num_classes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,8 @@ class DatasetSpec:
       classes): the TFDS label ids kept, in the order of `classnames`. Examples of other ids are dropped.
       A callable is resolved lazily. Applies to the TFDS source only (split files carry their labels).
     source: the default source, "tfds" or "folder" (Dassl image-folder + split_zhou_*.json layout).
+    few_shot_sampler: the default few-shot sampler of the protocols, "dassl" (CoOp's images) or "nested"
+      (see `protocols.sample_few_shot`).
     notes: which partition is followed and why (shown in docs).
     folder: the Dassl folder layout, for datasets readable that way (None: TFDS only).
     train_crop_scale: the random-resized-crop area range used when training on this dataset.
@@ -84,6 +90,7 @@ class DatasetSpec:
   label_key: str = "label"
   label_subset: Sequence[int] | Callable[[], Sequence[int]] | None = None
   source: str = "tfds"
+  few_shot_sampler: str = "dassl"
   notes: str = ""
   folder: FolderLayout | None = None
   prepare: Callable[[str | None], str] | None = None

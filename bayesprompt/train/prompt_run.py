@@ -47,6 +47,13 @@ class PromptRunConfig:
   extra_eval_datasets: tuple[str, ...] = ()
   checkpoint: str = "sandbox"
   data_dir: str | None = None
+  # "tfds" or "folder" (Dassl split files) for every dataset the run reads; None: each dataset's default
+  # (bayesprompt/data/README.md). data_dir is the TFDS data_dir or the Dassl data root accordingly.
+  source: str | None = None
+  # Few-shot draw: "dassl" (CoOp's images) or "nested"; None: the dataset's default. on_short: a class with
+  # fewer than num_shots examples gives all it has ("all", Dassl's behaviour) or an error ("error").
+  few_shot_sampler: str | None = None
+  on_short: str = "all"
   num_shots: int = 16
   seed: int = 1
   epochs: int = 10
@@ -68,22 +75,48 @@ class PromptRunConfig:
 
 
 def _protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
+  sampling = dict(sampler=cfg.few_shot_sampler, on_short=cfg.on_short)
   if cfg.protocol == "base2new":
-    return protocols.base_to_new(cfg.dataset, seed=cfg.seed, num_shots=cfg.num_shots, data_dir=cfg.data_dir)
+    return protocols.base_to_new(cfg.dataset, seed=cfg.seed, num_shots=cfg.num_shots, data_dir=cfg.data_dir,
+                                 source=cfg.source, **sampling)
   if cfg.protocol == "fewshot":
-    return protocols.few_shot(cfg.dataset, seed=cfg.seed, num_shots=cfg.num_shots, data_dir=cfg.data_dir)
-  kwargs = dict(seed=cfg.seed, num_shots=cfg.num_shots, source_dataset=cfg.dataset, data_dir=cfg.data_dir)
+    return protocols.few_shot(cfg.dataset, seed=cfg.seed, num_shots=cfg.num_shots, data_dir=cfg.data_dir,
+                              source=cfg.source, **sampling)
+  kwargs = dict(seed=cfg.seed, num_shots=cfg.num_shots, source_dataset=cfg.dataset, data_dir=cfg.data_dir,
+                **sampling)
   if cfg.targets:
     kwargs["targets"] = list(cfg.targets)
   elif cfg.dataset.startswith("sandbox"):
     from bayesprompt.data import sandbox
 
     kwargs["targets"] = list(sandbox.CROSS_DATASET_TARGETS if cfg.protocol == "xd" else sandbox.SHIFT_TARGETS)
+  if cfg.source is not None:
+    targets = kwargs.get("targets", _default_targets(cfg))
+    kwargs["sources"] = {name: cfg.source for name in (cfg.dataset, *targets)}
   if cfg.protocol == "xd":
     return protocols.cross_dataset(**kwargs)
   if cfg.protocol == "dg":
     return protocols.domain_generalization(**kwargs)
   raise ValueError(f"unknown protocol {cfg.protocol!r}; expected one of {PROTOCOLS}")
+
+
+def _default_targets(cfg: PromptRunConfig) -> tuple[str, ...]:
+  from bayesprompt.data.datasets import IMAGENET_CROSS_DATASET_TARGETS, IMAGENET_SHIFT_TARGETS
+
+  return IMAGENET_CROSS_DATASET_TARGETS if cfg.protocol == "xd" else IMAGENET_SHIFT_TARGETS
+
+
+def _extra_evals(cfg: PromptRunConfig) -> dict[str, LabeledSplit]:
+  """The test splits of `cfg.extra_eval_datasets` (opened, so checked, before any training)."""
+  evals = {}
+  for extra in cfg.extra_eval_datasets:
+    if cfg.protocol == "base2new":
+      extra_data = protocols.base_to_new(extra, seed=cfg.seed, num_shots=cfg.num_shots, train=False,
+                                         data_dir=cfg.data_dir, source=cfg.source)
+    else:
+      extra_data = protocols.zero_shot(extra, protocol="all", data_dir=cfg.data_dir, source=cfg.source)
+    evals.update({f"{extra}/{name}": split for name, split in extra_data.evals.items()})
+  return evals
 
 
 def class_prototypes(clip_params, clip_config: clip.CLIPConfig, split: LabeledSplit, batch_size: int) -> jax.Array:
@@ -130,7 +163,7 @@ def evaluate(learner, params, clip_params, split: LabeledSplit, *, batch_size: i
 
 def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = False, progress: bool = True,
         clip_model: tuple[clip.CLIPConfig, Any] | None = None,
-        mesh: jax.sharding.Mesh | None = None) -> dict[str, dict[str, float]]:
+        mesh: jax.sharding.Mesh | None = None, verify_images: bool = False) -> dict[str, dict[str, float]]:
   """Trains `cfg.method` with `cfg.objective` and evaluates on the protocol's test splits.
 
   With a `mesh` (`bayesprompt.train.distributed.make_mesh`) training and evaluation run data-parallel over
@@ -138,14 +171,20 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
 
   Checkpoints (orbax) are written at the end of every epoch into run_dir/checkpoints; with `resume` the run
   continues from the latest one (same RNG stream and data order, so the result equals an uninterrupted run).
+  Every split (train, val, every test set) is opened before training, so a bad split file or a missing
+  image fails first; `verify_images` also decodes every image of every split once (with progress).
   Returns {eval split name: metrics}; also writes run_dir/results.json.
   """
   run_dir = pathlib.Path(run_dir)
   if resume and not (run_dir / "checkpoints").exists():
     raise ValueError(f"--resume given but {run_dir} has no checkpoints/ directory to resume from")
+  data = _protocol_data(cfg)  # first: bad data fails before the model is even loaded
+  evals = {**data.evals, **_extra_evals(cfg)}
+  if verify_images:
+    for split in (data.train, data.val, *evals.values()):
+      pipeline.verify_images(split, progress=progress)
   clip_config, clip_params = clip_model or clip.load_checkpoint(cfg.checkpoint)
   clip_config = clip_config.replace(dtype=cfg.compute_dtype)
-  data = _protocol_data(cfg)
   learner = make_learner(cfg.method, clip_config, **dict(cfg.learner_kwargs))
   objective = make_objective(cfg.objective, **dict(cfg.objective_kwargs))
   train_split = data.train
@@ -216,14 +255,6 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
 
   predict = (prompt_trainer.make_predict_step(learner) if mesh is None
              else distributed.make_predict_step(learner, mesh, clip_params))
-  evals = dict(data.evals)
-  for extra in cfg.extra_eval_datasets:
-    if cfg.protocol == "base2new":
-      extra_data = protocols.base_to_new(extra, seed=cfg.seed, num_shots=cfg.num_shots, train=False,
-                                         data_dir=cfg.data_dir)
-    else:
-      extra_data = protocols.zero_shot(extra, protocol="all", data_dir=cfg.data_dir)
-    evals.update({f"{extra}/{name}": split for name, split in extra_data.evals.items()})
   results = {}
   for name, split in evals.items():
     if mesh is not None:
@@ -236,16 +267,18 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
                              seed=cfg.seed, max_examples=cfg.max_eval_examples, progress=progress, predict=predict,
                              train_classnames=train_split.classnames)
   writer.write_scalars(int(state.step), {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()})
-  writer.write_json("results.json", {"config": cfg.to_json(), "results": results, "train_seconds": train_seconds})
+  data_read = {"train": repr(train_split), **{name: repr(split) for name, split in evals.items()}}
+  writer.write_json("results.json", {"config": cfg.to_json(), "results": results,
+                                     "train_seconds": train_seconds, "data": data_read})
   writer.close()
   return results
 
 
 def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str = "fewshot",
                      data_dir: str | None = None, max_eval_examples: int | None = None,
-                     progress: bool = True) -> dict[str, dict[str, float]]:
+                     progress: bool = True, source: str | None = None) -> dict[str, dict[str, float]]:
   """Evaluates the latest checkpoint of a trained run on another dataset or class list (no retraining:
-  class-dependent state is rebuilt from the new class names)."""
+  class-dependent state is rebuilt from the new class names). `source`: as `PromptRunConfig.source`."""
   run_dir = pathlib.Path(run_dir)
   config_path = run_dir / "checkpoints" / "run_config.json"
   if not config_path.exists():
@@ -274,9 +307,10 @@ def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str
   state = manager.restore(step, template)
   manager.close()
   if protocol == "base2new":
-    data = protocols.base_to_new(dataset, seed=cfg.seed, num_shots=cfg.num_shots, train=False, data_dir=data_dir)
+    data = protocols.base_to_new(dataset, seed=cfg.seed, num_shots=cfg.num_shots, train=False,
+                                 data_dir=data_dir, source=source)
   else:
-    data = protocols.zero_shot(dataset, protocol="all", data_dir=data_dir)
+    data = protocols.zero_shot(dataset, protocol="all", data_dir=data_dir, source=source)
   return {name: evaluate(learner, state.params, clip_params, split, batch_size=cfg.eval_batch_size, seed=cfg.seed,
                          max_examples=max_eval_examples, progress=progress, train_classnames=train_classes)
           for name, split in data.evals.items()}

@@ -1,7 +1,8 @@
 """The sandbox world (DESIGN §7): a generated image-caption world and the small CLIP pretrained on it.
 
-Importing this package
-  * registers the TFDS builder `sandbox_world` (configs captions / colour_shape / texture_shape / size_shape);
+Importing this package (which does not import TFDS: the builder module is loaded on first use)
+  * makes the TFDS builder `sandbox_world` available (configs captions / colour_shape / texture_shape /
+    size_shape; registered with TFDS when `builder` is imported, which reading a sandbox dataset does);
   * registers the classification datasets in the data registry:
       sandbox_shapes          colour x shape, 64 classes (labels 0-31 base, 32-63 new), train/val/test
       sandbox_shapes_v2       its test set with re-sampled, shifted nuisances     (plays ImageNet-V2)
@@ -17,16 +18,31 @@ The data are generated on first use into $BAYESPROMPT_DATA_DIR or ~/.cache/bayes
 (about 10 s for a classification config, about a minute for the caption corpus).
 """
 
+import functools
+import importlib
+
 from bayesprompt.data.registry import DatasetSpec, register_dataset
 from bayesprompt.data.sandbox import model, tasks, world
-from bayesprompt.data.sandbox.builder import (
-  NAME,
-  SandboxConfig,
-  SandboxWorld,
-  data_source,
-  default_data_dir,
-  prepare,
-)
+
+NAME = "sandbox_world"  # The TFDS builder's name: SandboxWorld, snake-cased by TFDS.
+_BUILDER_EXPORTS = ("SandboxConfig", "SandboxWorld", "data_source", "default_data_dir", "prepare")
+
+
+def __getattr__(name: str):
+  # The builder subclasses a TFDS class: import it (and TFDS) only when someone needs it, so that runs on
+  # other data (a Dassl folder) never import TFDS.
+  if name in _BUILDER_EXPORTS or name == "builder":
+    builder = importlib.import_module("bayesprompt.data.sandbox.builder")
+    return builder if name == "builder" else getattr(builder, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _generated_data_dir(task: str, data_dir: str | None) -> str:
+  """The registry's `prepare` hook: generates the task's config if needed (never downloads); its data root."""
+  from bayesprompt.data.sandbox import builder
+
+  return str(builder.prepare(task, data_dir).data_dir_root)
+
 
 _NOTES = ("Generated sandbox world (DESIGN §7): classes are attribute compositions; labels are ordered so "
           "that base = the first half and new = the second half share every attribute but no composition.")
@@ -45,6 +61,7 @@ for _name, _task in _CLASSIFICATION.items():
   DATASETS[_name] = register_dataset(DatasetSpec(
       name=_name, tfds_name=f"{NAME}/{_task}", splits={"train": "train", "val": "validation", "test": "test"},
       classnames=tuple(_spec.classnames), template=_spec.template, notes=_NOTES,
+      prepare=functools.partial(_generated_data_dir, _task), few_shot_sampler="nested",
       # Flip only: a random-resized crop of a 32-px composition often cuts the object out of view (measured:
       # CoOp on sandbox_shapes base 52.3% with (1, 1) vs 49.8% with (0.5, 1) and 45.6% with the field's (0.08, 1)).
       train_crop_scale=(1.0, 1.0)))
@@ -53,6 +70,7 @@ for _name, _split in _SHIFTED.items():
   DATASETS[_name] = register_dataset(DatasetSpec(
       name=_name, tfds_name=f"{NAME}/colour_shape", splits={"test": _split},
       classnames=tuple(_spec.classnames), template=_spec.template,
+      prepare=functools.partial(_generated_data_dir, "colour_shape"), few_shot_sampler="nested",
       notes=f"Shifted test split {_split!r} of sandbox_shapes. " + _NOTES))
 
 # The sandbox's stand-ins for the field's transfer protocols (prompt_run uses them when no targets are given).

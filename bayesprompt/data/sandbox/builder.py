@@ -2,8 +2,9 @@
 
 Generated, not downloaded: `download_and_prepare` renders every split from the world seed (no network, no
 tensorflow; `tfds.features.Tensor`/`Text`/`ClassLabel` fields serialise without it) into ArrayRecord
-files, so `tfds.data_source` reads them with random access. Preparing happens on first use
-(`tfds.data_source` prepares by default; `prepare()` here does it explicitly).
+files, so `tfds.data_source` reads them with random access. Preparing happens on first use: the registry
+entries' `prepare` hook and `data_source()` here call `prepare()` (bayesprompt opens TFDS with
+download=False, so nothing else would).
 
 Configs: "captions" (the pretraining corpus: train 60k / validation 2k image-caption pairs over all
 compositions) and one per classification task in `tasks.TASKS` ("colour_shape" with the shifted test
@@ -24,7 +25,6 @@ import tensorflow_datasets as tfds
 
 from bayesprompt.data.sandbox import tasks, world
 
-NAME = "sandbox_world"
 DATA_DIR_ENV = "BAYESPROMPT_DATA_DIR"
 
 
