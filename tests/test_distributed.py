@@ -93,8 +93,15 @@ def make_case(world: dict, name: str):
 
 
 def max_abs_diff(a, b) -> float:
-  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b))
-  return max(leaves)
+  """max |a − b| over every leaf of two trees; NaN if any entry of either is NaN (np.max propagates NaN, so a
+  `diff < tol` assertion fails on it; Python's max over floats would skip it)."""
+  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0),
+                                        a, b))
+  return float(np.max(leaves, initial=0.0))
+
+
+def all_finite(tree) -> bool:
+  return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(tree))
 
 
 def in_memory_split(num: int, seed: int = 0):
@@ -149,6 +156,7 @@ def scenario_four_devices(out_dir: pathlib.Path, ckpt_from_one: pathlib.Path | N
                               "opt_state": max_abs_diff(state1.opt_state, state4.opt_state),
                               "metrics": max_abs_diff(metrics1, metrics4), "moved": moved,
                               "step": int(state4.step),
+                              "finite": all_finite((state1, metrics1, state4, metrics4)),
                               "replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state4))}
     if name == "coop+ce" and ckpt_from_one is not None:
       coop_state4 = state4
@@ -214,7 +222,7 @@ def scenario_four_devices(out_dir: pathlib.Path, ckpt_from_one: pathlib.Path | N
   expected = np.load(ckpt_from_one.parent / "ckpt1_expected.npz")
   got = flat_leaves(restored)
   results["restore_on_4"] = {
-      "diff": max(float(np.max(np.abs(got[k] - expected[k]))) for k in expected.files),
+      "diff": max_abs_diff({k: got[k] for k in expected.files}, {k: expected[k] for k in expected.files}),
       "same_keys": sorted(got) == sorted(expected.files),
       "devices": sorted({len(x.sharding.device_set) for x in jax.tree.leaves(restored)}),
       "replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(restored))}
@@ -364,11 +372,12 @@ def test_prompt_run_on_four_devices_equals_one_device(tmp_path):
 
 def check_train_results(results: dict) -> None:
   for name, diffs in results["train"].items():
-    assert diffs["params"] < ATOL, (name, diffs)
+    assert diffs["params"] < ATOL, (name, diffs)  # NaN fails here too (max_abs_diff propagates it)
     if "opt_state" in diffs:
       assert diffs["moved"] > 1e-3, (name, diffs)  # the step changed the params: the comparison means something
       assert diffs["opt_state"] < ATOL and diffs["metrics"] < ATOL, (name, diffs)
       assert diffs["step"] == 2 and diffs["replicated"], (name, diffs)
+      assert diffs["finite"], (name, diffs)  # params, optimizer state and every metric, on both sides
 
 
 def test_sharded_evaluation_equals_one_device(four_devices):

@@ -48,6 +48,17 @@ def _problem(seed, num=6, feat_dim=5, embed_dim=4, classes=7):
   return phi, kernel, bias, residual, targets
 
 
+def test_projection_sq_norm_keeps_float64_and_sums_bf16_in_float32():
+  rng = np.random.default_rng(0)
+  kernel, bias = rng.normal(size=(64, 32)) * 1e-3 + 1.0, rng.normal(size=32)
+  with jax.enable_x64(True):
+    sq = laplace.projection_sq_norm(jnp.asarray(kernel), jnp.asarray(bias))
+    assert sq.dtype == jnp.float64
+    np.testing.assert_allclose(float(sq), np.sum(kernel**2) + np.sum(bias**2), rtol=1e-15)
+  sq32 = laplace.projection_sq_norm(jnp.asarray(kernel, jnp.bfloat16))
+  assert sq32.dtype == jnp.float32
+
+
 class EmbeddingGGNTest(parameterized.TestCase):
   @parameterized.parameters("infonce", "siglip")
   def test_matches_hessian_of_linearised_loss(self, likelihood):
@@ -193,6 +204,10 @@ class KFACTest(chex.TestCase):
       laplace.kfac_factors(phi, emb, targets[:, :3], 1.0)
     with pytest.raises(ValueError, match="chunk_size"):
       laplace.kfac_factors(phi, emb, targets, 1.0, chunk_size=0)
+    with pytest.raises(ValueError, match=r"embeddings\[2\] has norm 0.0.*non-zero"):
+      laplace.kfac_factors(phi, emb.at[2].set(0.0), targets, 1.0)
+    with pytest.raises(ValueError, match=r"targets\[1\] has norm nan"):
+      laplace.kfac_factors(phi, emb, targets.at[1, 0].set(jnp.nan), 1.0)
     with pytest.raises(ValueError, match="no data"):
       laplace.kfac_finalize(laplace.kfac_init(5, 4))
     with pytest.raises(ValueError, match="kernel"):

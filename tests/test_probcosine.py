@@ -145,6 +145,16 @@ class ProbCosineTest(parameterized.TestCase):
       probcosine.probcosine_moments_factored(
         jnp.ones((2, 3)), jnp.ones(3), jnp.ones(3), jnp.ones((3, 3)), jnp.ones(3), jnp.ones(3)
       )
+    variances = jnp.asarray([[0.1, -0.2, 0.1], [0.1, 0.1, 0.1]])
+    with pytest.raises(ValueError, match=r"var_g must be ≥ 0.*var_g\[0, 1\] = -0.2"):
+      probcosine.probcosine_moments(jnp.ones((2, 3)), variances, jnp.ones((3, 3)), jnp.ones((3, 3)))
+    with pytest.raises(ValueError, match=r"var_h\[1, 0\] = nan"):
+      probcosine.probcosine_moments(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 3)),
+                                    jnp.asarray([[0.1, 0.1, 0.1], [np.nan, 0.1, 0.1]]))
+    # Under jit the values are tracers: no check, no error.
+    mean, var = jax.jit(probcosine.probcosine_moments)(jnp.ones((2, 3)), variances, jnp.ones((3, 3)),
+                                                      jnp.ones((3, 3)))
+    assert mean.shape == var.shape == (2, 3)
 
 
 class PredictiveTest(chex.TestCase):
@@ -224,5 +234,9 @@ class PredictiveTest(chex.TestCase):
   def test_bad_input(self):
     with pytest.raises(ValueError, match="same shape"):
       predictive.probit_predictive(jnp.ones((2, 3)), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"logits_var must be ≥ 0.*logits_var\[1, 2\] = -1.0"):
+      predictive.probit_predictive(jnp.ones((2, 3)), jnp.asarray([[0.0, 1.0, 2.0], [0.5, 0.5, -1.0]]))
+    with pytest.raises(ValueError, match="logits_var"):
+      predictive.mc_predictive(jax.random.key(0), jnp.ones((2, 3)), -jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="num_samples"):
       predictive.mc_predictive(jax.random.key(0), jnp.ones((2, 3)), jnp.ones((2, 3)), 0)

@@ -210,6 +210,63 @@ def test_bad_input_raises_clear_errors(cfg, tmp_path):
     prompt_run.run(dataclasses.replace(cfg, objective="mse"), tmp_path / "d", progress=False)
 
 
+def run_binary(module_name: str, *argv: str) -> None:
+  """Runs an absl binary's main in this process (its flags parsed from argv, removed afterwards)."""
+  from absl import flags
+
+  from tests.conftest import binary_module
+
+  with binary_module(module_name) as module:
+    flags.FLAGS([module_name, *argv])
+    try:
+      module.main([])
+    finally:
+      flags.FLAGS.unparse_flags()
+
+
+def test_prompt_learning_binary_runlocal_then_eval_only(tiny_checkpoint, tmp_path, capsys):
+  """The default tier's `experiments.prompt_learning --runlocal` (in process: no interpreter start-up), then
+  `--eval_only` on the run directory it wrote, which must reproduce the run's own test metrics."""
+  root = tmp_path / "runs"
+  run_binary("experiments.prompt_learning", "--runlocal", "--method=coop", "--hparams=n_ctx=2",
+             f"--checkpoint={tiny_checkpoint}", "--dataset=sandbox_shapes", "--protocol=base2new", "--num_shots=1",
+             "--batch_size=8", "--seeds=5,6", "--eval_batch_size=16", "--max_eval_examples=16",
+             f"--run_dir={root}", "--noprogress")
+  assert "| coop+ce |" in capsys.readouterr().out
+  run_dir = root / "coop_ce" / "seed5"
+  assert not (root / "coop_ce" / "seed6").exists()  # --runlocal: one seed
+  stored = json.loads((run_dir / "results.json").read_text())
+  assert stored["config"]["epochs"] == 1 and set(stored["results"]) == {"base", "new"}
+  assert all(np.isfinite(m["nll"]) and m["num_examples"] == 16 for m in stored["results"].values())
+  run_binary("experiments.prompt_learning", "--eval_only", f"--run_dir={run_dir}", "--dataset=sandbox_shapes",
+             "--protocol=base2new", "--max_eval_examples=16", "--noprogress")
+  out = capsys.readouterr().out
+  assert json.loads(out[out.index("{"):]) == stored["results"]
+
+
+def test_ove_pg_binary_runlocal_and_its_flags(tiny_checkpoint, tmp_path, capsys):
+  """`experiments.ove_pg --runlocal` (the README's main job) writes one table row per variant, and does not
+  define --method / --objective, which it would ignore (its variants come from --methods / --ove_modes)."""
+  from absl import flags
+
+  from tests.conftest import binary_module
+
+  root = tmp_path / "ove"
+  run_binary("experiments.ove_pg", "--runlocal", "--methods=coop", "--hparams=n_ctx=2", "--ove_modes=corrected",
+             "--nowith_ce", f"--checkpoint={tiny_checkpoint}", "--dataset=sandbox_shapes", "--protocol=base2new",
+             "--num_shots=1", "--batch_size=8", "--eval_batch_size=16", "--max_eval_examples=16",
+             f"--run_dir={root}", "--noprogress")
+  table = json.loads((root / "results.json").read_text())
+  variants = {r["dataset"] for r in table["summary"]} - {"average"}
+  assert variants == {"coop+ove_pg,mode=corrected"}, variants
+  assert "| coop+ove_pg,mode=corrected |" in capsys.readouterr().out
+  stored = json.loads(next(root.glob("*/seed*/results.json")).read_text())
+  assert stored["config"]["objective"] == "ove_pg" and stored["config"]["objective_kwargs"] == {"mode": "corrected"}
+  assert all(np.isfinite(m["nll"]) for m in stored["results"].values())
+  with binary_module("experiments.ove_pg"):
+    assert "methods" in flags.FLAGS and "method" not in flags.FLAGS and "objective" not in flags.FLAGS
+
+
 @pytest.mark.slow  # two interpreter + JAX start-ups and compiles (~30 CPU-s): the opt-in tier
 def test_binary_trains_and_evaluates_a_run_directory(tiny_checkpoint, tmp_path):
   """`experiments.prompt_learning --runlocal` end to end, then `--eval_only` on the run it wrote."""

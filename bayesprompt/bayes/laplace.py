@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayesprompt.bayes._validate import is_concrete
+
 LIKELIHOODS = ("infonce", "siglip")
 EVIDENCE_MODES = ("corrected", "faithful")
 
@@ -89,16 +91,34 @@ def linear_projection(
 
 
 def projection_sq_norm(kernel: Array, bias: Array | None = None) -> Array:
-  """‖W‖² of the uncertain weight (kernel plus bias if present), for the evidence's prior term."""
-  sq = jnp.sum(jnp.square(kernel.astype(jnp.float32)))
+  """‖W‖² of the uncertain weight (kernel plus bias if present), for the evidence's prior term.
+
+  Returns a scalar in the inputs' dtype, at least float32 (bf16 is summed in float32; float64 stays float64).
+  """
+  kernel = jnp.asarray(kernel)
+  dtype = jnp.promote_types(kernel.dtype if bias is None else jnp.result_type(kernel, bias), jnp.float32)
+  sq = jnp.sum(jnp.square(kernel.astype(dtype)))
   if bias is not None:
-    sq = sq + jnp.sum(jnp.square(bias.astype(jnp.float32)))
+    sq = sq + jnp.sum(jnp.square(jnp.asarray(bias).astype(dtype)))
   return sq
 
 
 # ------------------------------------------------------------------------------------------------------------
 # GGN of one embedding (the reference formula; the streamed sums below never build it per sample).
 # ------------------------------------------------------------------------------------------------------------
+
+
+def _check_nonzero_rows(name: str, rows: Array) -> None:
+  """Raises ValueError naming the first zero (or non-finite) row of `rows` [N, D] when it is concrete: the
+  curvature normalises each row, and a zero row would make the factors NaN."""
+  if not is_concrete(rows) or rows.shape[0] == 0:
+    return
+  sq_norms = jnp.sum(jnp.square(jnp.asarray(rows, jnp.float32)), axis=-1)
+  bad = ~(jnp.isfinite(sq_norms) & (sq_norms > 0))
+  if bool(jnp.any(bad)):
+    index = int(jnp.argmax(bad))
+    raise ValueError(f"{name}[{index}] has norm {float(jnp.sqrt(sq_norms[index]))}; the KFAC curvature normalises "
+                     f"every row, so rows must be finite and non-zero")
 
 
 def _check_likelihood(likelihood: str) -> None:
@@ -287,6 +307,8 @@ def kfac_update(
     raise ValueError(f"chunk_size={chunk_size}; expected a positive integer or None")
   if num == 0:
     return state
+  for name, rows in (("embeddings", embeddings), ("targets", targets)):
+    _check_nonzero_rows(name, rows)
   return _kfac_update_impl(
     state,
     features,

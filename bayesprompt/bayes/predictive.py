@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bayesprompt.bayes import laplace
+from bayesprompt.bayes._validate import check_nonnegative
 
 Array = jax.Array
 
@@ -24,6 +25,7 @@ Array = jax.Array
 def _check_logits(mean: Array, var: Array) -> None:
   if mean.ndim < 1 or var.shape != mean.shape:
     raise ValueError(f"logit mean {mean.shape} and variance {var.shape} must have the same shape [..., C]")
+  check_nonnegative("logits_var", var, "≥ 0 (logit variances)")
 
 
 def probit_predictive(logits_mean: Array, logits_var: Array, *, log_probs: bool = False) -> Array:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bayesprompt.bayes._validate import check_nonnegative
+
 Array = jax.Array
 
 
@@ -35,6 +37,7 @@ def _check(mu: Array, var: Array, name: str) -> None:
     raise ValueError(
       f"{name}: expected mean [N, D] and variance of the same shape; got {mu.shape} and {var.shape}"
     )
+  check_nonnegative(f"var_{name}", var, "≥ 0 (diagonal variances)")
 
 
 def probcosine_moments(mu_g: Array, var_g: Array, mu_h: Array, var_h: Array) -> tuple[Array, Array]:
