@@ -231,6 +231,19 @@ class PredictiveTest(chex.TestCase):
     marginal = laplace.embedding_variance(post, phi, add_bias=True)
     chex.assert_trees_all_close(np.einsum("iiee->ie", expected), marginal, atol=1e-5, rtol=1e-4)
 
+  def test_probit_limit_with_unequal_variances(self):
+    """The documented limit: equal means, one class with a large variance. The probit shrinks that class's
+    logit towards 0 and gives the other class ~0.98; Monte Carlo (and, with 2 classes, exact quadrature of
+    P(μ + σε wins)) gives it ~0.5-0.6."""
+    mean = jnp.asarray([[5.0, 5.0]])
+    var = jnp.asarray([[0.0, 100.0]])
+    probit = predictive.probit_predictive(mean, var)
+    mc = predictive.mc_predictive(jax.random.key(0), mean, var, num_samples=4000)
+    x, w = np.polynomial.hermite_e.hermegauss(200)  # E over ε ~ N(0, 1) of softmax_0 = σ(−10ε)
+    exact = np.sum(w * (1 / (1 + np.exp(np.clip(10 * x, -50, 50))))) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(mc[0, 0], exact, atol=0.03)
+    assert float(probit[0, 0]) > 0.95 and abs(float(probit[0, 0]) - exact) > 0.4
+
   def test_bad_input(self):
     with pytest.raises(ValueError, match="same shape"):
       predictive.probit_predictive(jnp.ones((2, 3)), jnp.ones((2, 4)))
