@@ -334,7 +334,8 @@ def four_devices(tmp_path_factory):
   with CheckpointManager(out_dir / "ckpt1" / "run", async_save=False) as manager:
     manager.save(3, state, force=True)
   np.savez(out_dir / "ckpt1" / "ckpt1_expected.npz", **flat_leaves(state))
-  wait(run_scenario(["four_devices", str(out_dir), str(out_dir / "ckpt1" / "run"), ",".join(FAST_CASES)], 4))
+  wait(run_scenario(["four_devices", str(out_dir), str(out_dir / "ckpt1" / "run"), ",".join(FAST_CASES)], 4),
+       timeout=900)  # every learner compiles in it: minutes on a loaded machine
   return out_dir, json.loads((out_dir / "results.json").read_text())
 
 
