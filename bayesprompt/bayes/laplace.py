@@ -43,7 +43,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from bayesprompt.bayes._validate import is_concrete
 
@@ -713,15 +712,21 @@ def _official_adam_log_prior_precision(posterior, weight_sq_norm, mode, num_para
   def negative_evidence(t):
     return -log_evidence(posterior, weight_sq_norm, t, mode=mode, num_params=num_params)
 
-  optimizer = optax.adam(OFFICIAL_ADAM["lr"])  # torch.optim.Adam's defaults: β = (0.9, 0.999), ε = 1e-8
+  # torch.optim.Adam's update with its defaults (β = 0.9, 0.999, ε = 1e-8), written out: bayes/ stays free of
+  # optimizer libraries.
+  beta1, beta2, lr = 0.9, 0.999, OFFICIAL_ADAM["lr"]
   t = jnp.log(jnp.asarray(OFFICIAL_ADAM["init"], posterior.a_eigvals.dtype))
 
-  def body(_, carry):
-    t, state = carry
-    updates, state = optimizer.update(jax.grad(negative_evidence)(t), state)
-    return optax.apply_updates(t, updates), state
+  def body(step, carry):
+    t, m, v = carry
+    grad = jax.grad(negative_evidence)(t)
+    m, v = beta1 * m + (1 - beta1) * grad, beta2 * v + (1 - beta2) * grad**2
+    count = (step + 1).astype(t.dtype)
+    m_hat, v_hat = m / (1 - beta1**count), v / (1 - beta2**count)
+    return t - lr * m_hat / (jnp.sqrt(v_hat) + 1e-8), m, v
 
-  t, _ = jax.lax.fori_loop(0, OFFICIAL_ADAM["steps"], body, (t, optimizer.init(t)))
+  zero = jnp.zeros_like(t)
+  t, _, _ = jax.lax.fori_loop(0, OFFICIAL_ADAM["steps"], body, (t, zero, zero))
   return jnp.exp(t)
 
 
