@@ -12,9 +12,9 @@ FLAGS = flags.FLAGS
 
 HESSIAN_KEYS = ("checkpoint", "tokenizer", "captions", "captions_split", "image_key", "caption_key", "data_dir",
                 "num_pairs", "class_batch_size", "hessian_batch_size", "hessian_seed", "checkpoint_every",
-                "pseudo_data_count", "evidence_mode", "runlocal", "progress", "num_threads")
+                "pseudo_data_count", "evidence_mode", "lambda_solver", "runlocal", "progress", "num_threads")
 ZEROSHOT_KEYS = ("dataset", "eval_split", "source", "factors_dir", "prior_precision", "predictive", "num_samples",
-                 "eval_batch_size", "max_examples", "feature_cache_dir", "label_cache_dir")
+                 "eval_batch_size", "max_examples", "feature_cache_dir", "label_cache_dir", "probcosine_logit_bias")
 ACTIVE_KEYS = ("pool_dataset", "pool_split", "pool_size", "target_dataset", "target_split", "target_fraction",
                "acquisitions", "selection", "knn_k", "knn_metric", "rounds", "hessian_update_scale", "online_lr",
                "finetune_lr", "finetune_weight_decay", "finetune_epochs", "finetune_batch_size", "al_num_samples",
@@ -43,6 +43,8 @@ def define_hessian_flags() -> None:
   flags.DEFINE_float("pseudo_data_count", 10.0, "n, the GGN multiplier the prior precision is fitted at.")
   flags.DEFINE_enum("evidence_mode", "corrected", ["corrected", "faithful"],
                     "Laplace evidence for λ: corrected, or faithful to the official code.")
+  flags.DEFINE_enum("lambda_solver", "optimum", ["optimum", "official_adam"],
+                    "Fitting λ: to the evidence's maximiser, or the official 300-step Adam from λ = 400.")
   flags.DEFINE_bool("runlocal", False, "Smoke run: a 192-pair generated corpus, tiny batches (seconds).")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
   flags.DEFINE_integer("num_threads", 8, "Image decoding threads.")
@@ -64,6 +66,9 @@ def define_zeroshot_flags() -> None:
   flags.DEFINE_integer("max_examples", None, "Evaluate a seeded random subset of this many images per dataset.")
   flags.DEFINE_string("feature_cache_dir", None, "Cache of image features (default <run_dir>/features).")
   flags.DEFINE_string("label_cache_dir", None, "Cache TFDS label columns here (.npy).")
+  flags.DEFINE_bool("probcosine_logit_bias", True,
+                    "SigLIP: add logit_bias to the ProbCosine logit mean (false: the official BayesVLM, which "
+                    "leaves it out; see DEVIATIONS.md).")
   flags.DEFINE_string("run_dir", None, "Run directory (default runs/<binary>/<time>).")
 
 

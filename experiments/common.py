@@ -17,10 +17,13 @@ from bayesprompt.train import run_dir as run_dir_lib
 FLAGS = flags.FLAGS
 
 
-def define_prompt_flags() -> None:
+def define_prompt_flags(*, single_variant: bool = True) -> None:
+  """The prompt-run flags. `single_variant`: also --method and --objective (binaries that train one variant;
+  experiments.ove_pg chooses its variants with --methods / --ove_modes and must not accept flags it ignores)."""
   defaults = prompt_run.PromptRunConfig()
-  flags.DEFINE_string("method", defaults.method, f"Prompt learner, one of: {', '.join(prompts.methods())}.")
-  flags.DEFINE_string("objective", defaults.objective, "Loss plug-in: ce or ove_pg.")
+  if single_variant:
+    flags.DEFINE_string("method", defaults.method, f"Prompt learner, one of: {', '.join(prompts.methods())}.")
+    flags.DEFINE_string("objective", defaults.objective, "Loss plug-in: ce or ove_pg.")
   flags.DEFINE_enum("protocol", defaults.protocol, list(prompt_run.PROTOCOLS),
                     "base2new, fewshot, xd (cross-dataset) or dg (domain generalisation).")
   flags.DEFINE_string("dataset", defaults.dataset, "Registry name of the (source) dataset.")

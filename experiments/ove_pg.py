@@ -19,7 +19,7 @@ from bayesprompt import prompts
 from experiments import common
 
 FLAGS = flags.FLAGS
-common.define_prompt_flags()
+common.define_prompt_flags(single_variant=False)  # the variants come from --methods / --ove_modes / --with_ce
 flags.DEFINE_list("methods", ["coop"], f"Prompt learners to compare, any of: {', '.join(prompts.methods())}.")
 flags.DEFINE_list("ove_modes", ["corrected", "faithful"], "OVE-PG modes to run besides CE.")
 flags.DEFINE_bool("with_ce", True, "Also train each method with cross-entropy (the baseline row).")

@@ -45,7 +45,13 @@ def _layers(s, prefix):
   return len({k.split(".")[len(prefix.split("."))] for k in s if k.startswith(prefix + ".")})
 
 
-def encode_image(s, images_nchw, heads, quick_gelu):
+def encode_image(s, images_nchw, heads, quick_gelu, prompts=None, deep_prompts=None):
+  """Image embedding [N, D] and pre-projection [N, W] of NCHW images.
+
+  Vision prompts (MaPLe's schedule, written from its paper/official code): `prompts` [n, W] are appended to
+  every image's tokens after the positional embedding, before ln_pre; `deep_prompts` {layer i: [n, W]}
+  overwrite the last n tokens before block i.
+  """
   s = {k: np.asarray(v, np.float64) for k, v in s.items()}
   w = s["visual.conv1.weight"]  # [width, 3, p, p]
   width, _, p, _ = w.shape
@@ -55,8 +61,14 @@ def encode_image(s, images_nchw, heads, quick_gelu):
   x = patches @ w.reshape(width, -1).T
   cls = np.broadcast_to(s["visual.class_embedding"], (n, 1, width))
   x = np.concatenate([cls, x], 1) + s["visual.positional_embedding"]
+  if prompts is not None:
+    x = np.concatenate([x, np.broadcast_to(np.asarray(prompts, np.float64), (n, *np.shape(prompts)))], 1)
   x = _ln(x, s["visual.ln_pre.weight"], s["visual.ln_pre.bias"])
   for i in range(_layers(s, "visual.transformer.resblocks")):
+    if deep_prompts and i in deep_prompts:
+      count = np.shape(deep_prompts[i])[0]
+      x = np.concatenate([x[:, :-count], np.broadcast_to(np.asarray(deep_prompts[i], np.float64),
+                                                          (n, count, width))], 1)
     x = _block(x, s, f"visual.transformer.resblocks.{i}", heads, None, quick_gelu)
   pooled = _ln(x[:, 0], s["visual.ln_post.weight"], s["visual.ln_post.bias"])
   return pooled @ s["visual.proj"], pooled

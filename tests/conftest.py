@@ -11,6 +11,27 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("BAYESPROMPT_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 
+# JAX's persistent compilation cache for the suite: most of its time is XLA compiling tiny towers, the same
+# programs on every run. Executables are stored under ~/.cache/bayesprompt/jax_compilation_cache (a path CI
+# can keep between fresh clones), or BAYESPROMPT_JAX_CACHE; BAYESPROMPT_JAX_CACHE="" turns it off. Set through
+# the environment so the subprocess tests (multi-device scenarios, binaries) share it, and through
+# jax.config in case a plugin imported JAX first. The cache key covers the program, the compile options
+# (jax_disable_most_optimizations included), the JAX/XLA version and the device, so a hit is the executable a
+# fresh compile would give.
+JAX_CACHE_DIR = os.environ.get("BAYESPROMPT_JAX_CACHE",
+                               str(pathlib.Path.home() / ".cache" / "bayesprompt" / "jax_compilation_cache"))
+if JAX_CACHE_DIR:
+  _cache_settings = {
+      "jax_compilation_cache_dir": JAX_CACHE_DIR,
+      "jax_persistent_cache_min_compile_time_secs": 0.1,  # skip only trivial programs (lookup ~ compile)
+      "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
+  for _name, _value in _cache_settings.items():
+    os.environ.setdefault(_name.upper(), str(_value))
+  if "jax" in sys.modules:
+    for _name, _value in _cache_settings.items():
+      sys.modules["jax"].config.update(_name, _value)
+
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:

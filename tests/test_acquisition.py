@@ -45,6 +45,12 @@ def _epig_loop(pool, targets):
   return np.array(scores)
 
 
+def _scaled(probs: np.ndarray, index: tuple, factor: float) -> np.ndarray:
+  out = probs.copy()
+  out[index] *= factor
+  return out
+
+
 class EntropyBaldTest(parameterized.TestCase):
   def test_entropy_and_bald_match_loops(self):
     rng = np.random.default_rng(0)
@@ -71,6 +77,16 @@ class EntropyBaldTest(parameterized.TestCase):
       acquisition.bald(jnp.ones((3, 4)))
     with pytest.raises(ValueError, match="empty"):
       acquisition.bald(jnp.ones((0, 4, 3)))
+    probs = np.full((2, 4, 3), 1 / 3, np.float32)
+    negative = probs.copy()
+    negative[1, 2] = [0.5, 0.7, -0.2]  # sums to 1, one entry negative
+    with pytest.raises(ValueError, match=r"probs must be ≥ 0 \(probabilities\).*probs\[1, 2, 2\] = -0.2"):
+      acquisition.bald(jnp.asarray(negative))
+    with pytest.raises(ValueError, match=r"must sum to 1 .*probs\[0, 1\] sums to 2"):
+      acquisition.bald(jnp.asarray(_scaled(probs, (0, 1), 2.0)))
+    with pytest.raises(ValueError, match="pool_probs must sum to 1"):
+      acquisition.epig(jnp.asarray(2 * probs), jnp.asarray(probs))
+    np.testing.assert_allclose(jax.jit(acquisition.bald)(jnp.asarray(probs)), 0.0, atol=1e-6)  # jit: no check
 
 
 class EpigTest(chex.TestCase):

@@ -75,7 +75,7 @@ def brute_force_alpha(test, train, beta=4.0, threshold=0.05):
   alpha = []
   for t in test:
     cosines = [float(t @ b / (np.linalg.norm(t) * np.linalg.norm(b))) for b in train]
-    d_nn, d_avg = 1.0 - max(cosines), 1.0 - sum(cosines) / len(cosines)
+    d_nn, d_avg = 1.0 - np.max(cosines), 1.0 - np.mean(cosines)  # NaN-propagating, unlike Python's max
     alpha.append(np.exp(-beta * d_avg * (1.0 if d_nn > threshold else 0.0)))
   return np.array(alpha)
 

@@ -215,6 +215,13 @@ def test_zero_shot_predictive_matches_dense_kronecker_oracle(tiny):
   z = s * mean / np.sqrt(1 + math.pi / 8 * s**2 * var)
   expected = z - np.log(np.exp(z).sum(-1, keepdims=True))
   np.testing.assert_allclose(got, expected, atol=2e-4)
+  # SigLIP's bias in the ProbCosine mean (our default; the official BayesVLM leaves it out, which is what
+  # logit_bias=None / the bayesvlm flag --noprobcosine_logit_bias gives, checked just above).
+  bias = -3.0
+  with_bias = vlm.zero_shot_predictive(posts["img"], posts["txt"], image, text, scale, bias)
+  z = (s * mean + bias) / np.sqrt(1 + math.pi / 8 * s**2 * var)
+  np.testing.assert_allclose(with_bias, z - np.log(np.exp(z).sum(-1, keepdims=True)), atol=2e-4)
+  assert np.max(np.abs(np.exp(with_bias) - np.exp(got))) > 1e-3  # the bias does not cancel in the probit
   # λ → ∞: the posterior collapses onto the MAP model.
   sharp = {t: vlm.tower_posterior(_random_factors(jax.random.key(0), d, dim), params, config, t,
                                   pseudo_data_count=10.0, prior_precision=1e12)[0]

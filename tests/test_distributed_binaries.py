@@ -212,7 +212,8 @@ def test_active_learning_epig_on_four_devices_equals_one_device(hessian_runs, tm
               str(hessian_runs["four"])], 4, hessian_runs["data_dir"]))
   results = json.loads((tmp_path / "results.json").read_text())
   scores = results["scores"]
-  assert len(scores["many"]) == 13 and scores["replicated"] and max(scores["one"]) > 1e-4
+  assert len(scores["many"]) == 13 and scores["replicated"] and np.max(scores["one"]) > 1e-4
+  assert np.all(np.isfinite(scores["one"])) and np.all(np.isfinite(scores["many"]))
   np.testing.assert_allclose(scores["many"], scores["one"], atol=1e-5)
   assert results["flag_mesh"] == {"data": 4, "model": 1}
   # The sharded run scored EPIG sharded (once per round), the one-device run never did.

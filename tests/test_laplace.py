@@ -48,6 +48,17 @@ def _problem(seed, num=6, feat_dim=5, embed_dim=4, classes=7):
   return phi, kernel, bias, residual, targets
 
 
+def test_projection_sq_norm_keeps_float64_and_sums_bf16_in_float32():
+  rng = np.random.default_rng(0)
+  kernel, bias = rng.normal(size=(64, 32)) * 1e-3 + 1.0, rng.normal(size=32)
+  with jax.enable_x64(True):
+    sq = laplace.projection_sq_norm(jnp.asarray(kernel), jnp.asarray(bias))
+    assert sq.dtype == jnp.float64
+    np.testing.assert_allclose(float(sq), np.sum(kernel**2) + np.sum(bias**2), rtol=1e-15)
+  sq32 = laplace.projection_sq_norm(jnp.asarray(kernel, jnp.bfloat16))
+  assert sq32.dtype == jnp.float32
+
+
 class EmbeddingGGNTest(parameterized.TestCase):
   @parameterized.parameters("infonce", "siglip")
   def test_matches_hessian_of_linearised_loss(self, likelihood):
@@ -193,6 +204,10 @@ class KFACTest(chex.TestCase):
       laplace.kfac_factors(phi, emb, targets[:, :3], 1.0)
     with pytest.raises(ValueError, match="chunk_size"):
       laplace.kfac_factors(phi, emb, targets, 1.0, chunk_size=0)
+    with pytest.raises(ValueError, match=r"embeddings\[2\] has norm 0.0.*non-zero"):
+      laplace.kfac_factors(phi, emb.at[2].set(0.0), targets, 1.0)
+    with pytest.raises(ValueError, match=r"targets\[1\] has norm nan"):
+      laplace.kfac_factors(phi, emb, targets.at[1, 0].set(jnp.nan), 1.0)
     with pytest.raises(ValueError, match="no data"):
       laplace.kfac_finalize(laplace.kfac_init(5, 4))
     with pytest.raises(ValueError, match="kernel"):
@@ -370,6 +385,36 @@ class EvidenceTest(parameterized.TestCase):
         expected = 0.5 * (2 * p - q) * logdet_a + 0.5 * (2 * q - p) * logdet_b
         chex.assert_trees_all_close(diff, expected, atol=1e-9)
         self.assertGreater(abs(float(diff)), 1e-3)
+
+  def test_official_adam_solver_is_the_official_fit(self):
+    """solver="official_adam" = BayesVLM's optimize_prior_precision (Adam on log λ from 400, lr 1e-2, 300
+    steps, maximising log_prior − (p·log|A'| + q·log|B'|)), transliterated to NumPy; it stops short of the
+    optimum the default solver reaches."""
+    rng = np.random.default_rng(3)
+    p, q, n = 6, 4, 10.0
+    a, b = _random_psd(rng, p) * 50, _random_psd(rng, q) * 20
+    w_sq = float(np.sum(rng.normal(size=(p, q)) ** 2))
+
+    def official_marglik(t):
+      lam = math.exp(t)
+      a_ = a * math.sqrt(n) + math.sqrt(lam) * np.eye(p)
+      b_ = b * math.sqrt(n) + math.sqrt(lam) * np.eye(q)
+      log_prior = -0.5 * lam * w_sq + 0.5 * p * q * math.log(lam)
+      return log_prior - (np.linalg.slogdet(a_)[1] * p + np.linalg.slogdet(b_)[1] * q)
+
+    t, m, v = math.log(400.0), 0.0, 0.0  # torch.optim.Adam(lr=1e-2, maximize=True), default betas and eps
+    for step in range(1, 301):
+      grad = -(official_marglik(t + 1e-6) - official_marglik(t - 1e-6)) / 2e-6
+      m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad**2
+      t -= 1e-2 * (m / (1 - 0.9**step)) / (math.sqrt(v / (1 - 0.999**step)) + 1e-8)
+    with jax.enable_x64(True):
+      post = laplace.posterior_from_factors(jnp.asarray(a), jnp.asarray(b), pseudo_data_count=n)
+      adam = laplace.fit_prior_precision(post, w_sq, mode="faithful", solver="official_adam")
+      optimum = laplace.fit_prior_precision(post, w_sq, mode="faithful")
+    np.testing.assert_allclose(float(adam), math.exp(t), rtol=1e-6)
+    assert official_marglik(math.log(float(optimum))) > official_marglik(t) + 1e-3  # Adam stopped short
+    with pytest.raises(ValueError, match="solver='adam'"):
+      laplace.fit_prior_precision(post, w_sq, solver="adam")
 
   @parameterized.parameters("corrected", "faithful")
   def test_fit_maximises_evidence(self, mode):

@@ -277,6 +277,60 @@ class LossTest(parameterized.TestCase):
     self.assertTrue(bool(jnp.isnan(loss(jnp.asarray([0, 1, 2, 3]), -1.0))))
 
 
+class PaddedRowsTest(parameterized.TestCase):
+  @parameterized.parameters("corrected", "faithful")
+  def test_masked_rows_leave_every_mean_under_jit(self, mode):
+    """A batch with padded rows (mask False, label −1, NaN logits) at its end gives, under jit, the loss,
+    metrics and gradient of the batch without them (the padded rows' gradient is 0). Faithful mode's κ
+    pattern depends on n, so there only finiteness and the zero gradient hold."""
+    logits, teacher, labels = random_batch(11, n=3)
+    pad = 2
+    padded_logits = np.concatenate([logits, np.full((pad, C), np.nan, np.float32)])
+    padded_teacher = np.concatenate([teacher, np.zeros((pad, C), np.float32)])
+    padded_labels = np.concatenate([labels, np.full(pad, -1, np.int32)])
+    mask = padded_labels >= 0
+
+    @jax.jit
+    def loss_and_grad(logits, teacher, labels, mask):
+      def loss(z):
+        value, aux = ove.ove_pg_loss(jax.random.key(4), z, teacher, labels, num_samples=2, mode=mode,
+                                     row_mask=mask)
+        return value, aux
+      return jax.value_and_grad(loss, has_aux=True)(logits)
+
+    (loss_pad, aux_pad), grad_pad = loss_and_grad(padded_logits, padded_teacher, padded_labels, mask)
+    (loss_ref, aux_ref), grad_ref = loss_and_grad(logits, teacher, labels, np.ones(3, bool))
+    for value in (loss_pad, grad_pad, *aux_pad.values()):
+      self.assertTrue(bool(jnp.all(jnp.isfinite(value))), msg=str(value))
+    np.testing.assert_array_equal(grad_pad[3:], 0.0)
+    if mode == "corrected":
+      np.testing.assert_allclose(loss_pad, loss_ref, rtol=1e-6)
+      np.testing.assert_allclose(grad_pad[:3], grad_ref, rtol=1e-5, atol=1e-7)
+      for name in aux_ref:
+        np.testing.assert_allclose(aux_pad[name], aux_ref[name], rtol=1e-6, err_msg=name)
+
+  def test_the_objective_masks_label_minus_one_as_ce_does(self):
+    from bayesprompt.objectives import make_objective
+
+    class Output:
+      def __init__(self, logits):
+        self.logits, self.kl = logits, jnp.zeros(())
+
+    logits, teacher, labels = random_batch(12, n=3)
+    padded = np.concatenate([logits, np.full((1, C), np.nan, np.float32)])[None]  # [S=1, 4, C]
+    padded_teacher = np.concatenate([teacher, np.zeros((1, C), np.float32)])
+    padded_labels = np.concatenate([labels, [-1]]).astype(np.int32)
+    objective = make_objective("ove_pg")
+    step = jax.jit(jax.value_and_grad(lambda z, t, y: objective(Output(z), y, jax.random.key(0), t), has_aux=True))
+    (loss_pad, metrics_pad), grad_pad = step(jnp.asarray(padded), jnp.asarray(padded_teacher), padded_labels)
+    (loss_ref, metrics_ref), grad_ref = step(jnp.asarray(logits[None]), jnp.asarray(teacher), labels)
+    np.testing.assert_allclose(loss_pad, loss_ref, rtol=1e-6)
+    np.testing.assert_allclose(grad_pad[:, :3], grad_ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(grad_pad[:, 3], 0.0)
+    for name, value in metrics_ref.items():
+      np.testing.assert_allclose(metrics_pad[name], value, rtol=1e-6, err_msg=name)
+
+
 class BadInputTest(parameterized.TestCase):
   def test_errors_name_the_bad_value(self):
     logits, teacher, labels = random_batch(7)
@@ -305,6 +359,18 @@ class BadInputTest(parameterized.TestCase):
       ove.one_vs_each_log_likelihood(logits, labels.astype(np.float32))
     with self.assertRaisesRegex(ValueError, "alpha = -2.0"):
       ove.pg_posterior(jnp.zeros(3), -2.0, jnp.ones(3))
+
+  def test_empty_batch_and_negative_omega(self):
+    with self.assertRaisesRegex(ValueError, r"at least one example.*n = 0"):
+      ove.ove_pg_loss(jax.random.key(0), np.zeros((0, C), np.float32), np.zeros((0, C), np.float32),
+                      np.zeros((0,), np.int32))
+    with self.assertRaisesRegex(ValueError, r"omega must be ≥ 0.*omega\[1\] = -0.5"):
+      ove.pg_posterior(jnp.zeros(3), 1.0, jnp.asarray([0.2, -0.5, 1.0]))
+    with self.assertRaisesRegex(ValueError, r"omega\[0\] = nan"):
+      ove.pg_posterior(jnp.zeros(2), 1.0, jnp.asarray([np.nan, 1.0]))
+    # Under jit nothing is checked (tracers), and valid values pass.
+    mean, var = jax.jit(ove.pg_posterior)(jnp.zeros(3), 1.0, jnp.asarray([0.2, 0.5, 1.0]))
+    np.testing.assert_allclose(var, 1.0 / np.asarray([1.2, 1.5, 2.0]), rtol=1e-6)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ from polyagamma import random_polyagamma
 from bayesprompt.bayes.polya_gamma import polya_gamma_mean, polya_gamma_variance, sample_polya_gamma
 
 # Tilts from the issue, plus |c| = 1e3 (no NaN/inf, and KS there too).
-C_VALUES = (0.0, 1e-3, -1e-3, 0.5, -0.5, 2.0, -2.0, 10.0, -10.0, 50.0, -50.0, 1e3, -1e3)
-NUM_DRAWS = 100_000  # per (b, c): 1.3e6 draws per b, ~0.1 s of sampling
-KS_P_MIN = 1e-4  # 33 fixed-seed KS tests; a correct sampler fails one with probability < 0.4%
+# Includes both sides of the sampler's proposal switch at |c| = 2/0.64 = 3.125 (the default tier's check of it;
+# test_big_sweep repeats it with 10⁶ draws).
+C_VALUES = (0.0, 1e-3, -1e-3, 0.5, -0.5, 2.0, -2.0, 3.0, 3.125, -3.125, 3.2, 10.0, -10.0, 50.0, -50.0, 1e3, -1e3)
+NUM_DRAWS = 100_000  # per (b, c): 1.7e6 draws per b, ~0.15 s of sampling
+KS_P_MIN = 1e-4  # 45 fixed-seed KS tests; a correct sampler fails one with probability < 0.5%
 ORACLE_MAX_TILT = 150.0  # polyagamma 2.0.2's Devroye sampler is wrong beyond |c| ≈ 175
 
 

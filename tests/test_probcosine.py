@@ -145,6 +145,16 @@ class ProbCosineTest(parameterized.TestCase):
       probcosine.probcosine_moments_factored(
         jnp.ones((2, 3)), jnp.ones(3), jnp.ones(3), jnp.ones((3, 3)), jnp.ones(3), jnp.ones(3)
       )
+    variances = jnp.asarray([[0.1, -0.2, 0.1], [0.1, 0.1, 0.1]])
+    with pytest.raises(ValueError, match=r"var_g must be ≥ 0.*var_g\[0, 1\] = -0.2"):
+      probcosine.probcosine_moments(jnp.ones((2, 3)), variances, jnp.ones((3, 3)), jnp.ones((3, 3)))
+    with pytest.raises(ValueError, match=r"var_h\[1, 0\] = nan"):
+      probcosine.probcosine_moments(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 3)),
+                                    jnp.asarray([[0.1, 0.1, 0.1], [np.nan, 0.1, 0.1]]))
+    # Under jit the values are tracers: no check, no error.
+    mean, var = jax.jit(probcosine.probcosine_moments)(jnp.ones((2, 3)), variances, jnp.ones((3, 3)),
+                                                      jnp.ones((3, 3)))
+    assert mean.shape == var.shape == (2, 3)
 
 
 class PredictiveTest(chex.TestCase):
@@ -221,8 +231,25 @@ class PredictiveTest(chex.TestCase):
     marginal = laplace.embedding_variance(post, phi, add_bias=True)
     chex.assert_trees_all_close(np.einsum("iiee->ie", expected), marginal, atol=1e-5, rtol=1e-4)
 
+  def test_probit_limit_with_unequal_variances(self):
+    """The documented limit: equal means, one class with a large variance. The probit shrinks that class's
+    logit towards 0 and gives the other class ~0.98; Monte Carlo (and, with 2 classes, exact quadrature of
+    P(μ + σε wins)) gives it ~0.5-0.6."""
+    mean = jnp.asarray([[5.0, 5.0]])
+    var = jnp.asarray([[0.0, 100.0]])
+    probit = predictive.probit_predictive(mean, var)
+    mc = predictive.mc_predictive(jax.random.key(0), mean, var, num_samples=4000)
+    x, w = np.polynomial.hermite_e.hermegauss(200)  # E over ε ~ N(0, 1) of softmax_0 = σ(−10ε)
+    exact = np.sum(w * (1 / (1 + np.exp(np.clip(10 * x, -50, 50))))) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(mc[0, 0], exact, atol=0.03)
+    assert float(probit[0, 0]) > 0.95 and abs(float(probit[0, 0]) - exact) > 0.4
+
   def test_bad_input(self):
     with pytest.raises(ValueError, match="same shape"):
       predictive.probit_predictive(jnp.ones((2, 3)), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"logits_var must be ≥ 0.*logits_var\[1, 2\] = -1.0"):
+      predictive.probit_predictive(jnp.ones((2, 3)), jnp.asarray([[0.0, 1.0, 2.0], [0.5, 0.5, -1.0]]))
+    with pytest.raises(ValueError, match="logits_var"):
+      predictive.mc_predictive(jax.random.key(0), jnp.ones((2, 3)), -jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="num_samples"):
       predictive.mc_predictive(jax.random.key(0), jnp.ones((2, 3)), jnp.ones((2, 3)), 0)

@@ -199,6 +199,45 @@ def test_train_step_compiles_once_and_moves_every_learner_param(tiny_checkpoint)
     assert ok, f"learner param {jax.tree_util.keystr(path)} did not move"
 
 
+def test_class_prototypes_are_per_class_means_of_normalised_frozen_features(tiny_checkpoint):
+  """VaMP's prior input: oracle = each preprocessed image encoded alone, normalised and averaged per class in
+  NumPy (float64), over a split whose size (11) leaves a padded last batch of 4."""
+  from bayesprompt.data import pipeline
+  from tests.test_distributed import in_memory_split
+
+  config, params = clip.load_checkpoint(tiny_checkpoint)
+  split = in_memory_split(11, image_size=IMAGE_SIZE)
+  got = prompt_run.class_prototypes(params, config, split, batch_size=4)
+  batches = pipeline.make_pipeline(split, image_size=IMAGE_SIZE, batch_size=1, train=False)
+  features, labels = [], []
+  for batch, _ in pipeline.iterate_padded(batches, 1):
+    features.append(np.asarray(clip.encode_image(params, batch["image"][:1], config=config), np.float64)[0])
+    labels.append(int(batch["label"][0]))
+  features = np.stack(features)
+  features /= np.linalg.norm(features, axis=-1, keepdims=True)
+  labels = np.asarray(labels)
+  expected = np.stack([features[labels == c].mean(0) for c in range(split.num_classes)])
+  assert got.shape == (split.num_classes, config.embed_dim)
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+  with pytest.raises(ValueError, match="no training images for classes"):
+    prompt_run.class_prototypes(params, config, split.select(np.arange(3)), batch_size=4)  # class 3 absent
+
+
+def test_vamp_trains_through_prompt_run(cfg, tmp_path):
+  """VaMP (class prototypes from the train split, KL, Monte Carlo samples) through the whole run: one epoch."""
+  vamp = dataclasses.replace(cfg, method="vamp", epochs=1, warmup_epochs=0, max_eval_examples=16,
+                             learner_kwargs=dict(n_tokens=2, first_layer=0, depth=2, num_train_samples=2,
+                                                 num_test_samples=2))
+  results = prompt_run.run(vamp, tmp_path / "vamp", progress=False)
+  assert set(results) == {"base", "new"}
+  for metrics in results.values():
+    assert metrics["num_examples"] == 16 and all(np.isfinite(v) for v in metrics.values())
+  logged = [json.loads(line) for line in (tmp_path / "vamp" / "metrics.jsonl").read_text().splitlines()]
+  train = [row for row in logged if "train/kl" in row]
+  assert train and np.isfinite(train[0]["train/kl"]) and train[0]["train/kl"] > 0
+  assert train[0]["train/nonfinite_skipped"] == 0.0
+
+
 def test_bad_input_raises_clear_errors(cfg, tmp_path):
   with pytest.raises(ValueError, match="unknown prompt-learning method 'cop'"):
     prompt_run.run(dataclasses.replace(cfg, method="cop"), tmp_path / "a", progress=False)
@@ -208,6 +247,63 @@ def test_bad_input_raises_clear_errors(cfg, tmp_path):
     prompt_run.run(dataclasses.replace(cfg, batch_size=100), tmp_path / "c", progress=False)
   with pytest.raises(ValueError, match="unknown objective 'mse'"):
     prompt_run.run(dataclasses.replace(cfg, objective="mse"), tmp_path / "d", progress=False)
+
+
+def run_binary(module_name: str, *argv: str) -> None:
+  """Runs an absl binary's main in this process (its flags parsed from argv, removed afterwards)."""
+  from absl import flags
+
+  from tests.conftest import binary_module
+
+  with binary_module(module_name) as module:
+    flags.FLAGS([module_name, *argv])
+    try:
+      module.main([])
+    finally:
+      flags.FLAGS.unparse_flags()
+
+
+def test_prompt_learning_binary_runlocal_then_eval_only(tiny_checkpoint, tmp_path, capsys):
+  """The default tier's `experiments.prompt_learning --runlocal` (in process: no interpreter start-up), then
+  `--eval_only` on the run directory it wrote, which must reproduce the run's own test metrics."""
+  root = tmp_path / "runs"
+  run_binary("experiments.prompt_learning", "--runlocal", "--method=coop", "--hparams=n_ctx=2",
+             f"--checkpoint={tiny_checkpoint}", "--dataset=sandbox_shapes", "--protocol=base2new", "--num_shots=1",
+             "--batch_size=8", "--seeds=5,6", "--eval_batch_size=16", "--max_eval_examples=16",
+             f"--run_dir={root}", "--noprogress")
+  assert "| coop+ce |" in capsys.readouterr().out
+  run_dir = root / "coop_ce" / "seed5"
+  assert not (root / "coop_ce" / "seed6").exists()  # --runlocal: one seed
+  stored = json.loads((run_dir / "results.json").read_text())
+  assert stored["config"]["epochs"] == 1 and set(stored["results"]) == {"base", "new"}
+  assert all(np.isfinite(m["nll"]) and m["num_examples"] == 16 for m in stored["results"].values())
+  run_binary("experiments.prompt_learning", "--eval_only", f"--run_dir={run_dir}", "--dataset=sandbox_shapes",
+             "--protocol=base2new", "--max_eval_examples=16", "--noprogress")
+  out = capsys.readouterr().out
+  assert json.loads(out[out.index("{"):]) == stored["results"]
+
+
+def test_ove_pg_binary_runlocal_and_its_flags(tiny_checkpoint, tmp_path, capsys):
+  """`experiments.ove_pg --runlocal` (the README's main job) writes one table row per variant, and does not
+  define --method / --objective, which it would ignore (its variants come from --methods / --ove_modes)."""
+  from absl import flags
+
+  from tests.conftest import binary_module
+
+  root = tmp_path / "ove"
+  run_binary("experiments.ove_pg", "--runlocal", "--methods=coop", "--hparams=n_ctx=2", "--ove_modes=corrected",
+             "--nowith_ce", f"--checkpoint={tiny_checkpoint}", "--dataset=sandbox_shapes", "--protocol=base2new",
+             "--num_shots=1", "--batch_size=8", "--eval_batch_size=16", "--max_eval_examples=16",
+             f"--run_dir={root}", "--noprogress")
+  table = json.loads((root / "results.json").read_text())
+  variants = {r["dataset"] for r in table["summary"]} - {"average"}
+  assert variants == {"coop+ove_pg,mode=corrected"}, variants
+  assert "| coop+ove_pg,mode=corrected |" in capsys.readouterr().out
+  stored = json.loads(next(root.glob("*/seed*/results.json")).read_text())
+  assert stored["config"]["objective"] == "ove_pg" and stored["config"]["objective_kwargs"] == {"mode": "corrected"}
+  assert all(np.isfinite(m["nll"]) for m in stored["results"].values())
+  with binary_module("experiments.ove_pg"):
+    assert "methods" in flags.FLAGS and "method" not in flags.FLAGS and "objective" not in flags.FLAGS
 
 
 @pytest.mark.slow  # two interpreter + JAX start-ups and compiles (~30 CPU-s): the opt-in tier

@@ -271,6 +271,39 @@ def test_maple_deep_prompts_replace_the_previous_prompt_outputs(world):
   assert np.abs(moved.logits - out_shallow.logits).max() > 1e-2
 
 
+def test_maple_vision_side_equals_an_independent_numpy_tower(world, tmp_path):
+  """MaPLe's vision prompts, built in NumPy from the learner params (layer 0: proj(ctx) = ctx·W + b appended
+  before ln_pre; layers 1..J-1: deep_text_j·W_j + b_j overwriting the last n tokens) and run through the
+  independent NumPy CLIP (tests/clip_reference.py), against the learner's image features."""
+  from safetensors.numpy import load_file
+
+  from tests import clip_reference
+
+  config, clip_params = world["config"], world["params"]
+  learner = prompts.make_learner("maple", config, depth=3)
+  state = learner.prepare_classes(clip_params, CLASSNAMES)
+  params = learner.init(jax.random.key(0), clip_params, state)
+  noise = jax.random.split(jax.random.key(5), 4)
+  params = {**params, "ctx": params["ctx"] + 0.3 * jax.random.normal(noise[0], params["ctx"].shape),
+            "deep_text": params["deep_text"] + 0.3 * jax.random.normal(noise[1], params["deep_text"].shape),
+            "proj": {k: v + 0.1 * jax.random.normal(noise[2], v.shape) for k, v in params["proj"].items()}}
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  layer0 = p["ctx"] @ p["proj"]["kernel"] + p["proj"]["bias"]
+  deep = {i: p["deep_text"][i - 1] @ p["deep_proj"]["kernel"][i - 1] + p["deep_proj"]["bias"][i - 1] for i in (1, 2)}
+  clip.save_checkpoint(tmp_path / "model", config, clip_params)
+  weights = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
+  images = np.asarray(world["images"])
+  expected, _ = clip_reference.encode_image(weights, images.transpose(0, 3, 1, 2), config.vision.heads,
+                                            config.vision.act == "quick_gelu", prompts=layer0, deep_prompts=deep)
+  expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
+  got = jax.jit(lambda cp, x, lp: engine.image_features(cp, config, x, learner.vision_edits(lp)))(
+      clip_params, world["images"], params)
+  np.testing.assert_allclose(np.asarray(got), expected, atol=2e-5)
+  plain, _ = clip_reference.encode_image(weights, images.transpose(0, 3, 1, 2), config.vision.heads,
+                                         config.vision.act == "quick_gelu")
+  assert np.max(np.abs(plain / np.linalg.norm(plain, axis=-1, keepdims=True) - expected)) > 1e-3  # live
+
+
 def test_mpl_vision_prompts_grow_then_are_carried(world):
   config, clip_params = world["config"], world["params"]
   learner = make(world, "mpl", depth=3)  # n_ctx=1, n_add=2, n_rm=1, J=3 on a 4-layer vision tower

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import entr
+
+from bayesprompt.bayes._validate import check_nonnegative, is_concrete
 
 Array = jax.Array
 
@@ -27,6 +30,21 @@ def _check_samples(probs: Array, name: str) -> None:
     raise ValueError(f"{name} is empty (no inputs)")
   if probs.shape[1] == 0 or probs.shape[2] == 0:
     raise ValueError(f"{name} has shape {probs.shape}; needs at least one sample and one class")
+  check_probabilities(probs, name)
+
+
+def check_probabilities(probs: Array, name: str, atol: float = 1e-3) -> None:
+  """Raises ValueError unless `probs` [..., C] (when concrete) is ≥ 0 and sums to 1 over C within `atol`
+  (float32 softmax outputs sum to 1 within ~1e-6; 1e-3 only catches what is not a distribution)."""
+  check_nonnegative(name, probs, "≥ 0 (probabilities)")
+  if not is_concrete(probs):
+    return
+  sums = jnp.sum(jnp.asarray(probs), axis=-1)
+  worst = float(jnp.max(jnp.abs(sums - 1.0)))
+  if not worst <= atol:
+    index = np.unravel_index(int(jnp.argmax(jnp.abs(sums - 1.0))), sums.shape)
+    raise ValueError(f"{name} must sum to 1 over the last axis (classes); {name}[{', '.join(map(str, index))}]"
+                     f" sums to {float(sums[index])}")
 
 
 def predictive_entropy(probs: Array) -> Array:

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from bayesprompt.bayes._validate import check_nonnegative, concrete
 from bayesprompt.bayes.polya_gamma import polya_gamma_mean, sample_polya_gamma
 
 Array = jax.Array
@@ -71,10 +72,6 @@ MODES = ("corrected", "faithful")
 
 # ------------------------------------------------------------------------------------------------------------
 # Validation.
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
 def _check_logits_labels(logits: Any, labels: Any, name: str = "logits") -> None:
@@ -90,7 +87,7 @@ def _check_logits_labels(logits: Any, labels: Any, name: str = "logits") -> None
     raise ValueError(f"labels must be [n] = [{n}] to match {name} {shape}; got shape {np.shape(labels)}")
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
     raise TypeError(f"labels must be integers; got dtype {jnp.result_type(labels)}")
-  labels_np = _concrete(labels)
+  labels_np = concrete(labels)
   if labels_np is not None and labels_np.size:
     bad = (labels_np < 0) | (labels_np >= num_classes)
     if bad.any():
@@ -99,7 +96,7 @@ def _check_logits_labels(logits: Any, labels: Any, name: str = "logits") -> None
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
-  value_np = _concrete(value)
+  value_np = concrete(value)
   if value_np is None:
     return
   if value_np.shape != ():
@@ -157,13 +154,18 @@ def pg_posterior(psi_prior_mean: Array, alpha: Any, omega: Array, kappa: Any = 0
   Args:
     psi_prior_mean: m, any shape (e.g. [n, C−1] OVE logits).
     alpha: prior precision α ≥ 0 (scalar).
-    omega: Pólya-Gamma variables ω > 0, broadcastable to m.
+    omega: Pólya-Gamma variables ω ≥ 0, broadcastable to m.
     kappa: y − ½ of the augmented Bernoulli likelihood (+½ for a true-class pair), broadcastable.
 
   Returns:
     (mean, var), each of the broadcast shape.
+
+  Raises:
+    ValueError: α < 0, or any ω < 0 or NaN (when concrete; a Pólya-Gamma variable is never negative, and
+      ω < −α would give a negative variance). Under jit such values are not checked.
   """
   _check_nonnegative("alpha", alpha)
+  check_nonnegative("omega", omega, "≥ 0 (Pólya-Gamma variables)")
   precision = omega + alpha
   return (alpha * psi_prior_mean + kappa) / precision, 1.0 / precision
 
@@ -358,7 +360,7 @@ def _pair_pieces(config: _LossConfig, logits, teacher, omega, kappa_positive, la
 
 
 @functools.partial(jax.jit, static_argnums=(0,))  # eager callers: one compiled call, not hundreds of ops
-def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, noise, alpha,
+def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise, alpha,
                        logits_dot=None, teacher_dot=None, alpha_dot=None):
   """(nll, teacher_reg, omega_mean, ove_nll) and, given any tangent, their JVP (see `_ove_pg_terms`).
 
@@ -373,8 +375,10 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
   is not yet written. The gradient is one more elementwise pass. (A single variadic reduce over all terms
   needs no buffer either, but XLA-CPU runs it as scalar code, ~5x slower.)
   """
-  n, num_classes = logits.shape
+  num_classes = logits.shape[1]
   num_samples = config.num_samples
+  # Rows outside `row_mask` (padding) are left out of every sum and every mean: n counts the kept rows.
+  n = jnp.maximum(jnp.sum(row_mask.astype(logits.dtype)), 1.0)
   scale = 1.0 / (num_samples * n)
   sampled_omega = omega_sampled is not None
 
@@ -415,6 +419,7 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
   inputs = (logits, teacher, omega_sampled, kappa_positive, labels, noise, alpha)
   branches = [lambda inputs, fn=fn: jnp.sum(fn(inputs), axis=-1) for fn in terms.values()]  # row sums [n]
   rows = jax.lax.map(lambda index: jax.lax.switch(index, branches, inputs), jnp.arange(len(branches)))
+  rows = jnp.where(row_mask[None, :], rows, 0.0)  # `where`, not a product: a padded row may hold NaN/inf
   sums = dict(zip(terms, rows, strict=True))
 
   def total(prefix, count):
@@ -437,13 +442,13 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
     row_slope = sum(sums[f"slope{sample}"] for sample in range(num_samples))[:, None]
     is_pair = jnp.arange(num_classes)[None, :] != jnp.clip(labels, 0, num_classes - 1)[:, None]
     pair_slope = sum(pair_term(slope, sample)(inputs) for sample in range(num_samples))
-    in_range = ((labels >= 0) & (labels < num_classes))[:, None]
+    in_range = ((labels >= 0) & (labels < num_classes) & row_mask)[:, None]
     grad = jnp.where(in_range, jnp.where(is_pair, pair_slope, -row_slope) * scale, 0.0)
     nll_dot = nll_dot + jnp.sum(grad * logits_dot)
   if alpha_dot is not None:
     nll_dot = nll_dot + total("alpha", num_samples) * scale * alpha_dot
   if teacher is not None:
-    residual = (2.0 / (n * num_classes)) * (logits - teacher)
+    residual = jnp.where(row_mask[:, None], (2.0 / (n * num_classes)) * (logits - teacher), 0.0)
     if logits_dot is not None:
       reg_dot = reg_dot + jnp.sum(residual * logits_dot)
     if teacher_dot is not None:
@@ -452,12 +457,14 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _ove_pg_terms(config: _LossConfig, logits, teacher, omega_sampled, kappa_positive, labels, noise, alpha):
+def _ove_pg_terms(config: _LossConfig, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise,
+                  alpha):
   """(nll, teacher_reg, omega_mean, ove_nll) of `ove_pg_loss`, scalars, with a hand-written derivative.
 
   Args (validated by the caller): logits [n, C]; teacher [n, C] or None; omega_sampled [M, n, C] (sampled ω
   sources) or None; kappa_positive [n, C] bool, where the official κ is +½ (faithful mode), or None; labels
-  [n] int; noise: threefry key data [M, 2] uint32 (config.fused_noise) or ε [M, n, C]; alpha a scalar of the
+  [n] int; row_mask [n] bool, the rows that count (the others are left out of every mean); noise: threefry
+  key data [M, 2] uint32 (config.fused_noise) or ε [M, n, C]; alpha a scalar of the
   logits' dtype.
 
   Why a custom derivative: under autodiff XLA keeps ~7 [n, C] intermediates alive (ω, μ, σ, the sigmoid,
@@ -469,7 +476,7 @@ def _ove_pg_terms(config: _LossConfig, logits, teacher, omega_sampled, kappa_pos
   the ψ⁰ behind ω are constants (stop_gradient), as in the autodiff formulation; omega_mean and ove_nll have
   zero derivative.
   """
-  return _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, noise, alpha)
+  return _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise, alpha)
 
 
 @functools.partial(_ove_pg_terms.defjvp, symbolic_zeros=True)
@@ -489,6 +496,7 @@ def ove_pg_loss(
     num_samples: int = 1,
     omega_source: str = "prior_mean",
     mode: str = "corrected",
+    row_mask: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """The OVE-PG objective (DESIGN §4): PG-augmented one-vs-each NLL + λ₁·mean squared distance to the teacher.
 
@@ -510,6 +518,12 @@ def ove_pg_loss(
     num_samples: M ≥ 1 reparameterised samples (static).
     omega_source: "prior_mean" | "prior_sample" | "posterior_gibbs" (faithful mode needs "prior_mean").
     mode: "corrected" (default) | "faithful" (the official code's ω and κ).
+    row_mask: [n] bool or None (all rows). Rows where it is False (padding) are left out of every mean and
+      get zero gradient; their labels may be anything (e.g. −1) and their logits NaN. With the padded rows
+      at the end and omega_source="prior_mean", the loss and gradient equal those
+      of the batch without them (ε of row i does not depend on n). Not so in faithful mode, whose κ pattern
+      depends on the batch size n (the official trainer never sees padding), nor for the sampled ω sources
+      (the sampler's draws depend on the array shape).
 
   Returns:
     (loss scalar, aux) with aux = {"nll": PG-OVE NLL term, "teacher_reg": mean squared logit distance (0
@@ -517,10 +531,17 @@ def ove_pg_loss(
     scalars.
 
   Raises:
-    ValueError/TypeError: bad shapes/dtypes, C < 2, labels outside [0, C) (when concrete), M < 1, unknown
+    ValueError/TypeError: bad shapes/dtypes, n = 0, C < 2, labels outside [0, C) (when concrete), M < 1, unknown
       omega_source/mode, faithful mode with a sampled ω source, α or λ₁ negative or non-finite (when
       concrete), λ₁ > 0 without teacher logits.
   """
+  if row_mask is not None:
+    if np.shape(row_mask) != np.shape(labels):
+      raise ValueError(f"row_mask must be [n] like labels {np.shape(labels)}; got shape {np.shape(row_mask)}")
+    row_mask = jnp.asarray(row_mask, bool)
+    labels = jnp.where(row_mask, jnp.asarray(labels), 0)  # padded rows' labels are never read
+  if np.shape(logits)[:1] == (0,):
+    raise ValueError(f"ove_pg_loss needs at least one example; got logits of shape {np.shape(logits)} (n = 0)")
   _check_logits_labels(logits, labels)
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -536,7 +557,7 @@ def ove_pg_loss(
   _check_nonnegative("alpha", alpha)
   _check_nonnegative("teacher_weight", teacher_weight)
   if teacher_logits is None:
-    weight_np = _concrete(teacher_weight)
+    weight_np = concrete(teacher_weight)
     if weight_np is None or weight_np != 0:
       raise ValueError(
           f"teacher_logits is None but teacher_weight = {teacher_weight}; pass teacher logits or set it to 0"
@@ -552,6 +573,7 @@ def ove_pg_loss(
   dtype = logits.dtype
   n, num_classes = logits.shape
   num_samples = int(num_samples)
+  row_mask = jnp.ones((n,), bool) if row_mask is None else row_mask
   teacher = None if teacher_logits is None else jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype))
   if not jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(rng)  # a raw uint32 key: the default implementation, as jax.random does
@@ -568,7 +590,7 @@ def ove_pg_loss(
     source = logits if (omega_source == "posterior_gibbs" or teacher is None) else teacher
     in_range = ((labels >= 0) & (labels < num_classes))[:, None]
     tilt = jnp.where(in_range, jnp.take_along_axis(source, label_index, axis=1) - source, jnp.nan)
-    tilt = jax.lax.stop_gradient(tilt)
+    tilt = jax.lax.stop_gradient(jnp.where(row_mask[:, None], tilt, 0.0))  # padded rows: any finite tilt
     omega_sampled = jax.lax.stop_gradient(
         sample_polya_gamma(key_omega, 1, tilt, shape=(num_samples, n, num_classes), dtype=dtype))
 
@@ -579,7 +601,7 @@ def ove_pg_loss(
     noise = key_data
   config = _LossConfig(mode, omega_source, num_samples, key_data is not None)
   nll, teacher_reg, omega_mean, ove_nll = _ove_pg_terms(
-      config, logits, teacher, omega_sampled, kappa_positive, labels, noise, jnp.asarray(alpha, dtype))
+      config, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise, jnp.asarray(alpha, dtype))
 
   loss = nll if teacher is None else nll + teacher_weight * teacher_reg
   # Traced negative α or λ₁ cannot raise under jit: make the loss NaN instead of silently wrong.

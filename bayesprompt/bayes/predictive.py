@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bayesprompt.bayes import laplace
+from bayesprompt.bayes._validate import check_nonnegative
 
 Array = jax.Array
 
@@ -24,10 +25,19 @@ Array = jax.Array
 def _check_logits(mean: Array, var: Array) -> None:
   if mean.ndim < 1 or var.shape != mean.shape:
     raise ValueError(f"logit mean {mean.shape} and variance {var.shape} must have the same shape [..., C]")
+  check_nonnegative("logits_var", var, "≥ 0 (logit variances)")
 
 
 def probit_predictive(logits_mean: Array, logits_var: Array, *, log_probs: bool = False) -> Array:
-  """softmax(μ/√(1 + π/8·σ²)) over the last axis: [..., C] -> [..., C] (log-probabilities if `log_probs`)."""
+  """softmax(μ/√(1 + π/8·σ²)) over the last axis: [..., C] -> [..., C] (log-probabilities if `log_probs`).
+
+  Limits: exact only in the two-class limit of MacKay's probit argument; each class's logit is shrunk by its
+  own variance, independently of the others. With unequal variances across classes it can be far from the
+  Monte Carlo predictive E[softmax(μ + σ⊙ε)]: 0.55 off in an outside audit (issue 15), enough to flip the top
+  class (tests/test_probcosine.py::PredictiveTest::test_probit_limit_with_unequal_variances shows 0.4). Use
+  `mc_predictive` where the variances differ widely between classes.
+  Raises ValueError on a concrete negative or NaN variance.
+  """
   _check_logits(logits_mean, logits_var)
   scaled = logits_mean * jax.lax.rsqrt(1.0 + (math.pi / 8.0) * logits_var)
   return jax.nn.log_softmax(scaled, axis=-1) if log_probs else jax.nn.softmax(scaled, axis=-1)

@@ -16,8 +16,13 @@ D = 16, unit means with cosine c, isotropic σ² = scale/D on both sides):
   0.3   1e-2   -4.8e-05     +0.103                  component of μ_h orthogonal to μ_g, so at small variance
   0.3   1e+0   -7.4e-04     +0.010                  Var_approx/Var_true → 1/(1 − c²): exact for orthogonal
   0.7   1e-4   -5.9e-06     +0.954                  means, +10% at c = 0.3 (typical CLIP image–text cosines),
-  0.7   1e-1   -2.9e-03     +0.772                  ×1.95 at c = 0.7 — always an over-estimate here, which
-  0.7   1e+0   -3.1e-03     +0.224                  shrinks as σ grows.
+  0.7   1e-1   -2.9e-03     +0.772                  ×1.95 at c = 0.7 — an over-estimate in this isotropic
+  0.7   1e+0   -3.1e-03     +0.224                  sweep, shrinking as σ grows.
+
+Limits: the over-estimate is not a bound. With anisotropic variances (σ² concentrated on a few coordinates,
+as KFAC-Laplace variances are) the approximation can under-estimate: an outside audit (issue 15) measured
+approximate/Monte Carlo variance 0.94. Where the variance matters, compare with Monte Carlo
+(`predictive.mc_predictive` on the sampled logits, or `predictive.sample_projection_embeddings`).
 
 Memory: no [N, M, D] tensor; everything is a matmul, O(N·M + (N + M)·D).
 """
@@ -27,6 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bayesprompt.bayes._validate import check_nonnegative
+
 Array = jax.Array
 
 
@@ -35,6 +42,7 @@ def _check(mu: Array, var: Array, name: str) -> None:
     raise ValueError(
       f"{name}: expected mean [N, D] and variance of the same shape; got {mu.shape} and {var.shape}"
     )
+  check_nonnegative(f"var_{name}", var, "≥ 0 (diagonal variances)")
 
 
 def probcosine_moments(mu_g: Array, var_g: Array, mu_h: Array, var_h: Array) -> tuple[Array, Array]:

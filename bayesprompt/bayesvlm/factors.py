@@ -58,9 +58,10 @@ def estimate(cfg: dict, config, params, tokenizer, output_dir: str | os.PathLike
   n = float(cfg["pseudo_data_count"])
   for tower in vlm.TOWERS:
     _, lam = vlm.tower_posterior(factors[tower], params, config, tower, pseudo_data_count=n,
-                                 prior_precision="fit", evidence_mode=cfg["evidence_mode"])
+                                 prior_precision="fit", evidence_mode=cfg["evidence_mode"],
+                                 lambda_solver=cfg.get("lambda_solver", "optimum"))
     info[f"lambda_{tower}"], info[f"n_{tower}"] = lam, n
-  info.update(evidence_mode=cfg["evidence_mode"], checkpoint=str(cfg["checkpoint"]))
+  info.update(evidence_mode=cfg["evidence_mode"], lambda_solver=cfg.get("lambda_solver", "optimum"), checkpoint=str(cfg["checkpoint"]))
   laplace.save_factors(output_dir / "factors", factors, info)  # every process: orbax's save is collective
   if jax.process_index() == 0:
     (output_dir / "prior_precision.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
@@ -145,5 +146,5 @@ def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, mode
                         cfg["pseudo_data_count"])
     posts[tower], lams[tower] = vlm.tower_posterior(
       factors[tower], params, config, tower, pseudo_data_count=float(cfg["pseudo_data_count"]),
-      prior_precision=lam, evidence_mode=cfg["evidence_mode"])
+      prior_precision=lam, evidence_mode=cfg["evidence_mode"], lambda_solver=cfg.get("lambda_solver", "optimum"))
   return posts, lams, info, factors

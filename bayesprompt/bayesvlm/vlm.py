@@ -85,6 +85,7 @@ def tower_posterior(
   pseudo_data_count: float,
   prior_precision: float | str = "fit",
   evidence_mode: str = "corrected",
+  lambda_solver: str = "optimum",
 ) -> tuple[TowerPosterior, float]:
   """The posterior of one tower's projection from its KFAC factors.
 
@@ -93,6 +94,7 @@ def tower_posterior(
     pseudo_data_count: n > 0, the GGN multiplier (10 in the paper's zero-shot runs).
     prior_precision: λ > 0, or "fit" to maximise the Laplace evidence (`laplace.fit_prior_precision`).
     evidence_mode: "corrected" or "faithful" (the official code's evidence), used when fitting.
+    lambda_solver: "optimum" or "official_adam" (the official 300-step Adam), used when fitting.
 
   Returns:
     (TowerPosterior, λ as a float).
@@ -111,7 +113,8 @@ def tower_posterior(
       raise ValueError(f"prior_precision={prior_precision!r}; expected a positive number or 'fit'")
     posterior = laplace.posterior_from_factors(factors.a, factors.b, pseudo_data_count=pseudo_data_count)
     kernel, bias = projection_weights(params, config, tower)
-    lam = laplace.fit_prior_precision(posterior, laplace.projection_sq_norm(kernel, bias), mode=evidence_mode)
+    lam = laplace.fit_prior_precision(posterior, laplace.projection_sq_norm(kernel, bias), mode=evidence_mode,
+                                       solver=lambda_solver)
   else:
     lam = float(prior_precision)
     if not np.isfinite(lam) or lam <= 0:

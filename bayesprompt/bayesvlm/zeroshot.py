@@ -39,7 +39,8 @@ def evaluate_dataset(cfg: dict, name: str, config, params, tokenizer, posts, fea
   labels = image["labels"]
   log_probs = {
     "map": vlm.map_log_probs(image, text, scale, bias),
-    "bayesvlm": vlm.zero_shot_predictive(posts["img"], posts["txt"], image, text, scale, bias,
+    "bayesvlm": vlm.zero_shot_predictive(posts["img"], posts["txt"], image, text, scale,
+                                         bias if cfg.get("probcosine_logit_bias", True) else None,
                                          method=cfg["predictive"], key=jax.random.key(0),
                                          num_samples=cfg["num_samples"]),
   }

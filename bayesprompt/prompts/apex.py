@@ -91,6 +91,7 @@ class APEX(ContextLearner):
   """
 
   method = "apex"
+  official_ove_pg_trainer = "APEX_OVE_PG"
   needs_train_classes = True
   ctx_init: str | None = "a photo of a"
   n_vision_ctx: int = 2

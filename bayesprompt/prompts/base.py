@@ -67,6 +67,9 @@ class PromptLearner:
   """
 
   method: ClassVar[str] = ""
+  # The official OVE-PG Dassl trainer of this learner in MingyuKim87/BP_CLIP (what OVE-PG mode="faithful"
+  # reproduces), or None where that repository has none (MPL, VaMP, MMRL): faithful is then refused.
+  official_ove_pg_trainer: ClassVar[str | None] = None
   # How the CE objective combines Monte Carlo samples (see objectives.ce.per_example_nll).
   sample_reduction: ClassVar[str] = "mean_loss"
   # Whether prepare_classes needs class prototypes (mean frozen image feature per class) at train time.

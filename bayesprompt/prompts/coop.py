@@ -81,6 +81,7 @@ class CoOp(ContextLearner):
   """
 
   method = "coop"
+  official_ove_pg_trainer = "CoOp_OVE_PG"
   class_specific: bool = False
 
   def init(self, rng: jax.Array, clip_params: Params, class_state: engine.ClassState) -> Params:
@@ -120,6 +121,7 @@ class CoCoOp(ContextLearner):
   """
 
   method = "cocoop"
+  official_ove_pg_trainer = "CoCoOp_OVE_PG"
   ctx_init: str | None = "a photo of a"
   _default_n_ctx = 4
 

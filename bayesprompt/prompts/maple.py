@@ -54,6 +54,7 @@ class MaPLe(ContextLearner):
   """
 
   method = "maple"
+  official_ove_pg_trainer = "MaPLe_OVE_PG"
   ctx_init: str | None = "a photo of a"
   depth: int | None = None
   coupling: bool = True
@@ -143,6 +144,7 @@ class MPL(MaPLe):
   """
 
   method = "mpl"
+  official_ove_pg_trainer = None  # BP_CLIP has no MPL trainer
   ctx_init: str | None = None
   fixed_text: str = "a photo of a"
   n_add: int = 2

@@ -81,6 +81,10 @@ class VPT(ContextLearner):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"vpt: {name} must be an int >= 1, got {value!r}")
 
+  @property
+  def official_ove_pg_trainer(self) -> str:  # BP_CLIP's VPT_OVE_PG ("coopvpt") / VPT_CoCoOp_OVE_PG
+    return "VPT_OVE_PG" if self.conditioning == "coop" else "VPT_CoCoOp_OVE_PG"
+
   def num_samples(self, train: bool) -> int:
     if train or self.num_test_samples is None:
       return self.num_mc_samples

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 import bayesprompt.clip as clip
+from bayesprompt.prompts import engine
 
 
 @flax.struct.dataclass
@@ -37,11 +38,23 @@ def create_train_state(learner, optimizer: optax.GradientTransformation, seed: i
 
 def frozen_teacher_logits(clip_params, clip_config, text_features: jax.Array, images: jax.Array,
                           frozen_image_features: jax.Array | None) -> jax.Array:
-  """exp(logit_scale)·cos of frozen zero-shot CLIP [B, C]; reuses the learner's frozen image features if any."""
+  """Frozen zero-shot logits [B, C] float32: exp(logit_scale)·cos (+ logit_bias for SigLIP), the logits the
+  learners produce (`engine.logits`), so the λ₁ teacher term compares like with like.
+
+  Args:
+    text_features: [C, D] normalised frozen class text features. images: [B, S, S, 3].
+    frozen_image_features: [B, D] normalised frozen image features the learner already computed, or None.
+  """
   if frozen_image_features is None:
     frozen_image_features = clip.normalize(clip.image_tower(clip_params, images, config=clip_config)[0])
-  logits = jnp.exp(clip_params["logit_scale"]) * frozen_image_features @ text_features.T
-  return jax.lax.stop_gradient(logits)
+  return jax.lax.stop_gradient(engine.logits(clip_params, frozen_image_features, text_features, per_image=False))
+
+
+def _official_trainer_kwarg(objective, learner) -> dict:
+  """{"official_trainer": ...} for objectives that reproduce a learner's official trainer (OVE-PG faithful)."""
+  if getattr(objective, "mode", None) != "faithful":
+    return {}
+  return {"official_trainer": getattr(learner, "official_ove_pg_trainer", None)}
 
 
 def train_step_fn(learner, objective, optimizer: optax.GradientTransformation):
@@ -61,7 +74,8 @@ def train_step_fn(learner, objective, optimizer: optax.GradientTransformation):
                                       output.frozen_image_features)
     return objective(output, labels, objective_key, teacher,
                      default_sample_reduction=getattr(learner, "sample_reduction", "mean_loss"),
-                     default_kl_weight=getattr(learner, "kl_weight", 0.0))
+                     default_kl_weight=getattr(learner, "kl_weight", 0.0),
+                     **_official_trainer_kwarg(objective, learner))
 
   def step(state: TrainState, clip_params, class_state, images, labels, teacher_text):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
@@ -69,7 +83,14 @@ def train_step_fn(learner, objective, optimizer: optax.GradientTransformation):
                                                      teacher_text, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient never reaches the params or the optimizer state: the step is skipped
+    # (params and moments unchanged, the step counter still advances so the RNG stream stays aligned) and
+    # reported as metrics["nonfinite_skipped"] = 1; prompt_run stops on a non-finite epoch loss.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
+    metrics = dict(metrics, grad_norm=grad_norm, nonfinite_skipped=1.0 - finite.astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
