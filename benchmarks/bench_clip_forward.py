@@ -88,6 +88,8 @@ if ARGS is not None and ARGS.threads < len(os.sched_getaffinity(0)):
   # Before jax / torch create their thread pools: both then see `threads` cores.
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:ARGS.threads])
 
+# This checkout's bayesprompt, not whichever one is pip-installed (the script's own folder is sys.path[0]).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
