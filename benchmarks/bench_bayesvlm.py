@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import resource
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from bayesprompt.bayes import acquisition, laplace, predictive, probcosine
+from benchmarks import harness
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 3, "timed repetitions per measurement (the minimum is kept)")
@@ -48,14 +48,7 @@ flags.DEFINE_list("parts", ["kfac", "probcosine", "epig"], "which benchmarks to 
 
 def _time(fn, *args, repeats: int) -> tuple[float, float]:
   """Best (wall, process CPU) seconds of a compiled call, after one warm-up call that compiles."""
-  jax.block_until_ready(fn(*args))
-  wall = cpu = float("inf")
-  for _ in range(repeats):
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    wall = min(wall, time.perf_counter() - start_wall)
-    cpu = min(cpu, time.process_time() - start_cpu)
-  return wall, cpu
+  return harness.best_of(lambda: jax.block_until_ready(fn(*args)), repeats=repeats, warmup=1)
 
 
 ROOFLINE_SHAPES = ((2048, 2048, 2048), (1024, 768, 4096), (512, 512, 4096), (512, 4096, 512))
@@ -247,7 +240,7 @@ def bench_epig(repeats: int) -> None:
 
 def main(argv):
   del argv
-  print(f"devices: {jax.devices()}")
+  print(f"devices: {jax.devices()}; {harness.cpu_description()}; load average {harness.load_average():.1f}")
   print("== float32 matmul roofline (plain jnp.dot) ==")
   peak_wall, peak_cpu = matmul_peak(FLAGS.repeats, verbose=True)
   print(f"  peak: {peak_wall:.1f} GFLOP/s wall, {peak_cpu:.1f} GFLOP per CPU-second")
@@ -256,6 +249,7 @@ def main(argv):
     if part not in parts:
       raise app.UsageError(f"--parts: unknown part {part!r}; expected some of {sorted(parts)}")
     parts[part](FLAGS.repeats)
+  print(f"load average after: {harness.load_average():.1f} on {harness.schedulable_cores()} core(s)")
 
 
 if __name__ == "__main__":

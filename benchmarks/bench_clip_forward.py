@@ -33,9 +33,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import platform
-import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -91,6 +88,8 @@ if ARGS is not None and ARGS.threads < len(os.sched_getaffinity(0)):
   # Before jax / torch create their thread pools: both then see `threads` cores.
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:ARGS.threads])
 
+# This checkout's bayesprompt, not whichever one is pip-installed (the script's own folder is sys.path[0]).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -98,25 +97,10 @@ import numpy as np  # noqa: E402
 import bayesprompt.clip as clip  # noqa: E402
 from bayesprompt.clip import checkpoint  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
 EOT_ID, BOS_ID = 49407, 49406  # CLIP BPE's <end_of_text> / <start_of_text>: EOT is the largest id.
-
-
-def machine_description() -> str:
-  model = "unknown CPU"
-  with open("/proc/cpuinfo") as f:
-    for line in f:
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  flags = ""
-  with open("/proc/cpuinfo") as f:
-    for line in f:
-      if line.startswith("flags"):
-        have = set(line.split(":", 1)[1].split())
-        flags = ",".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have)
-        break
-  return (f"{model} ({flags}), nproc={os.cpu_count()}, using {len(os.sched_getaffinity(0))} core(s); "
-          f"{platform.python_implementation()} {platform.python_version()}")
 
 
 def hf_clip_config(config: clip.CLIPConfig):
@@ -193,35 +177,6 @@ def jax_forwards(config: clip.CLIPConfig, tower: str, unrolled: bool) -> Callabl
   return jax.jit(lambda p, ids: clip.text_tower(p, ids, config=config, edits=edits)[0])
 
 
-def time_rounds(candidates: dict[str, Callable[[], object]], runs: int,
-                warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[int]]]:
-  """Calls every candidate `warmup` times untimed, then `runs` interleaved timed rounds.
-
-  Returns per-call wall-clock seconds, process CPU seconds (user + system, all threads; on a shared machine
-  the CPU time is the steadier figure, wall time is what a user waits for) and minor page faults.
-  """
-  for fn in candidates.values():
-    for _ in range(warmup):
-      fn()
-  wall: dict[str, list[float]] = {name: [] for name in candidates}
-  cpu: dict[str, list[float]] = {name: [] for name in candidates}
-  faults: dict[str, list[int]] = {name: [] for name in candidates}
-  for _ in range(runs):
-    for name, fn in candidates.items():
-      start, start_cpu = time.perf_counter(), time.process_time()
-      start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      fn()
-      wall[name].append(time.perf_counter() - start)
-      cpu[name].append(time.process_time() - start_cpu)
-      faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
-  return wall, cpu, faults
-
-
-def quartiles(samples: list[float]) -> tuple[float, float, float]:
-  q1, q2, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
-  return q1, statistics.median(samples), q3
-
-
 def compile_seconds(fn, *args) -> float:
   start = time.perf_counter()
   fn.lower(*args).compile()
@@ -234,7 +189,7 @@ def main(args: argparse.Namespace) -> int:
 
   torch.set_num_threads(args.threads)
   config = clip.get_config(args.config)
-  print(f"machine: {machine_description()}")
+  print(f"machine: {harness.cpu_description()}")
   print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, transformers "
         f"{transformers.__version__}; threads: torch.set_num_threads({torch.get_num_threads()}), XLA intra-op "
         f"pool = affinity mask of {len(os.sched_getaffinity(0))} core(s); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
@@ -250,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
   bf16_config = config.replace(dtype="bfloat16")
 
   towers = [name.strip() for name in args.towers.split(",") if name.strip()]
-  rows = []
+  results = []
   compile_rows = []
   failed = False
   for tower in towers:
@@ -296,27 +251,19 @@ def main(args: argparse.Namespace) -> int:
       if name == "jax float32 (unrolled)" and not args.unrolled:
         continue
       candidates[name] = lambda fn=fn, x=jax_input: fn(params, x).block_until_ready()
-    wall, cpu, faults = time_rounds(candidates, args.runs, args.warmup)
-    torch_wall, torch_cpu = statistics.median(wall["torch float32"]), statistics.median(cpu["torch float32"])
-    for name, samples in wall.items():
-      q1, median, q3 = quartiles(samples)
-      cpu_median = statistics.median(cpu[name])
-      rows.append((tower, name, median * 1e3, q1 * 1e3, q3 * 1e3, median / torch_wall, cpu_median * 1e3,
-                   cpu_median / torch_cpu, statistics.median(faults[name]), errors[name]))
+    comparison = harness.interleaved(candidates, rounds=args.runs, warmup=args.warmup)
+    results.append((tower, comparison, errors))
 
-  print()
-  header = (f"{'tower':6} {'implementation':24} {'wall ms':>9} {'wall IQR ms':>17} {'x torch':>8} "
-            f"{'cpu ms':>9} {'x torch':>8} {'faults':>8} {'rel. err':>9}")
-  print(header)
-  print("-" * len(header))
-  for tower, name, median, q1, q3, ratio, cpu_median, cpu_ratio, faults_median, error in rows:
-    print(f"{tower:6} {name:24} {median:9.1f} {f'{q1:.1f}-{q3:.1f}':>17} {ratio:8.2f} {cpu_median:9.1f} "
-          f"{cpu_ratio:8.2f} {faults_median:8.0f} {error:9.1e}")
-  print("\nratio JAX/PyTorch, median wall time (target <= 0.70):")
-  for tower, name, _, _, _, ratio, *_ in rows:
-    if name.startswith("jax"):
-      verdict = "meets" if ratio <= 0.7 else "misses"
-      print(f"  {tower:5} {name:24} {ratio:5.2f}  ({verdict} the target)")
+  for tower, comparison, errors in results:
+    print(f"\n{tower} tower (relative feature error vs torch: "
+          + ", ".join(f"{name} {error:.1e}" for name, error in errors.items() if name != "torch float32") + ")")
+    print(comparison.markdown(reference="torch float32"))
+    for name in comparison.samples:
+      if name.startswith("jax"):
+        ratio = comparison.ratio(name, "torch float32")
+        verdict = "meets" if ratio.median <= 0.7 else "misses"
+        print(f"  {tower:5} {name:24} x torch ({comparison.headline} time): {ratio.format(2)} "
+              f"({verdict} the <= 0.70 target)")
   if compile_rows:
     print("\ncompile time (jit lower + XLA compile, float32):")
     for tower, name, seconds in compile_rows:

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +53,8 @@ ARGS = _parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.threads < len(os.sched_getaffinity(0)):
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:ARGS.threads])
 
+# This checkout's bayesprompt, not whichever one is pip-installed (the script's own folder is sys.path[0]).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -65,7 +65,8 @@ from bayesprompt.prompts import make_learner  # noqa: E402
 from bayesprompt.train import optim, prompt_trainer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_clip_forward import machine_description, torch_model  # noqa: E402
+import harness  # noqa: E402
+from bench_clip_forward import torch_model  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 2e-3, 0.9, 5e-4
 WORDS = ("red green blue small large striped spotted round square wooden metal glass paper stone golden silver "
@@ -95,7 +96,7 @@ def jax_step(config, clip_params, classnames, n_ctx, full_context, seed):
 class TorchCoOp:
   """CoOp's official TextEncoder and step on a transformers CLIPModel (weights frozen, context learned)."""
 
-  def __init__(self, model, class_state, ctx: np.ndarray):
+  def __init__(self, model, class_state, ctx: np.ndarray, device: str = "cpu"):
     import torch
 
     self.torch = torch
@@ -107,12 +108,12 @@ class TorchCoOp:
     n_ctx = ctx.shape[0]
     if not (mask[:, 1:1 + n_ctx].all() and mask.sum() == mask.shape[0] * n_ctx):
       raise ValueError("expected the context at positions 1..n_ctx of every prompt (class token at the end)")
-    self.prefix = torch.from_numpy(embeddings[:, :1].copy())
-    self.suffix = torch.from_numpy(embeddings[:, 1 + n_ctx:].copy())
-    self.pool_index = torch.from_numpy(np.asarray(class_state.pool_index).astype(np.int64))
+    self.prefix = torch.from_numpy(embeddings[:, :1].copy()).to(device)
+    self.suffix = torch.from_numpy(embeddings[:, 1 + n_ctx:].copy()).to(device)
+    self.pool_index = torch.from_numpy(np.asarray(class_state.pool_index).astype(np.int64)).to(device)
     length = embeddings.shape[1]
-    self.causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
-    self.ctx = torch.nn.Parameter(torch.from_numpy(np.array(ctx)))
+    self.causal = torch.full((length, length), float("-inf"), device=device).triu(1)[None, None]
+    self.ctx = torch.nn.Parameter(torch.from_numpy(np.array(ctx)).to(device))
     self.optimizer = torch.optim.SGD([self.ctx], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
   def text_features(self):
@@ -122,7 +123,7 @@ class TorchCoOp:
     hidden = prompts + text.embeddings.position_embedding.weight[:prompts.shape[1]]
     hidden = text.encoder(inputs_embeds=hidden, attention_mask=self.causal).last_hidden_state
     hidden = text.final_layer_norm(hidden)
-    pooled = hidden[torch.arange(classes), self.pool_index]
+    pooled = hidden[torch.arange(classes, device=hidden.device), self.pool_index]
     return self.model.text_projection(pooled)
 
   def loss(self, pixels, labels):
@@ -144,21 +145,6 @@ class TorchCoOp:
     return loss
 
 
-def time_rounds(candidates, runs, warmup):
-  for fn in candidates.values():
-    for _ in range(warmup):
-      fn()
-  wall = {name: [] for name in candidates}
-  cpu = {name: [] for name in candidates}
-  for _ in range(runs):
-    for name, fn in candidates.items():
-      start, start_cpu = time.perf_counter(), time.process_time()
-      fn()
-      wall[name].append(time.perf_counter() - start)
-      cpu[name].append(time.process_time() - start_cpu)
-  return wall, cpu
-
-
 def main(args: argparse.Namespace) -> int:
   import torch
   import transformers
@@ -169,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
     config = config.replace(vision=dataclasses.replace(config.vision, layers=args.layers),
                             text=dataclasses.replace(config.text, layers=args.layers))
   v, t = config.vision, config.text
-  print(f"machine: {machine_description()}")
+  print(f"machine: {harness.cpu_description()}")
   print(f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{args.threads} thread(s) each")
   print(f"config {args.config}: vision {v.layers}x{v.width} patch {v.patch_size} @ {v.image_size}px, text "
@@ -233,16 +219,13 @@ def main(args: argparse.Namespace) -> int:
     print(f"FAIL: JAX and PyTorch disagree beyond {args.tolerance:g}", file=sys.stderr)
     return 1
 
-  wall, cpu = time_rounds(candidates, args.runs, args.warmup)
+  comparison = harness.interleaved(candidates, rounds=args.runs, warmup=args.warmup)
   torch_name = next(iter(candidates))
-  torch_wall, torch_cpu = statistics.median(wall[torch_name]), statistics.median(cpu[torch_name])
-  print(f"\n{'implementation':34} {'wall s':>8} {'x torch':>8} {'cpu s':>8} {'x torch':>8}")
-  for name in candidates:
-    w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-    print(f"{name:34} {w:8.2f} {w / torch_wall:8.2f} {c:8.2f} {c / torch_cpu:8.2f}")
-  ratio = statistics.median(cpu["jax float32 (77 tokens)"]) / torch_cpu
-  print(f"\nJAX/PyTorch, same 77-token work, CPU time: {ratio:.2f} ({'meets' if ratio <= 0.7 else 'misses'} the "
-        "<= 0.70 target)")
+  print()
+  print(comparison.markdown(reference=torch_name))
+  ratio = comparison.ratio("jax float32 (77 tokens)", torch_name, "cpu")
+  print(f"JAX/PyTorch, same 77-token work, CPU time: {ratio.format(2)} per-round median (min-max) "
+        f"({'meets' if ratio.median <= 0.7 else 'misses'} the <= 0.70 target)")
   return 0
 
 

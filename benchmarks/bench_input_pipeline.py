@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import time
 
 import numpy as np
 from PIL import Image
 
 from bayesprompt.data import pipeline, preprocess
 from bayesprompt.data.sources import LabeledSplit
+from benchmarks import harness
 
 
 def _jpegs(n: int) -> list[bytes]:
@@ -52,17 +52,12 @@ def _split(jpegs: list[bytes]) -> LabeledSplit:
   )
 
 
-def _time(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--num_images", type=int, default=256)
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
   args = parser.parse_args()
   jpegs = _jpegs(args.num_images)
   split = _split(jpegs)
@@ -96,14 +91,14 @@ def main() -> None:
   for train in (False, True):
     name = "train" if train else "eval"
     piped(train, 1)  # warm-up (imports, thread pools)
-    ref = _time(lambda train=train: reference(train))
-    one = _time(lambda train=train: piped(train, 1))
-    many = _time(lambda train=train: piped(train, threads))
-    print(
-      f"{name:5s}: reference loop {n / ref:7.1f} img/s | pipeline 1 thread {n / one:7.1f} img/s "
-      f"(x{ref / one:.2f}) | {threads} threads {n / many:7.1f} img/s (x{ref / many:.2f})"
-    )
-
+    comparison = harness.interleaved({
+        "reference loop": lambda train=train: reference(train),
+        "pipeline, 1 thread": lambda train=train: piped(train, 1),
+        f"pipeline, {threads} threads": lambda train=train: piped(train, threads)}, rounds=args.rounds, warmup=0)
+    print(f"\n{name} transform, {n} images per call:")
+    print(comparison.markdown(reference="reference loop"))
+    for candidate in comparison.samples:
+      print(f"  {candidate:22s} {n / comparison.spread(candidate, 'wall').median:7.1f} img/s (median wall)")
 
 if __name__ == "__main__":
   main()

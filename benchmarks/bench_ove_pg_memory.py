@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bayesprompt.bayes.ove import ove_pg_loss
 from bayesprompt.objectives import make_objective
 from bayesprompt.prompts.base import LearnerOutput
+from benchmarks import harness
 
 VARIANTS = (("corrected", "prior_mean"), ("corrected", "prior_sample"), ("corrected", "posterior_gibbs"),
             ("faithful", "prior_mean"))
@@ -50,13 +50,7 @@ def _memory(compiled) -> tuple[int, int, int]:
 
 
 def _best_time(compiled, args, repeats: int) -> float:
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return min(times)
+  return harness.best_of(lambda: jax.block_until_ready(compiled(*args)), repeats=repeats, warmup=1)[0]
 
 
 def _table(title: str, rows, args, unit: int, repeats: int) -> None:

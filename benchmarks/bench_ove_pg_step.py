@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +25,7 @@ import bayesprompt.data  # noqa: F401  (registers the sandbox CLIP)
 from bayesprompt.objectives import make_objective
 from bayesprompt.prompts import make_learner
 from bayesprompt.train import optim, prompt_trainer
+from benchmarks import harness
 
 
 def main():
@@ -58,26 +57,19 @@ def main():
               "ove_pg prior_mean": make_objective("ove_pg"),
               "ove_pg prior_sample": make_objective("ove_pg", omega_source="prior_sample")}
   steps, states = {}, {}
+  candidates = {}
   for name, objective in variants.items():
     steps[name] = prompt_trainer.make_train_step(learner, objective, tx)
     states[name] = prompt_trainer.create_train_state(learner, tx, 0, params, class_state)
-    for _ in range(2):  # compile + warm-up
-      states[name], metrics = steps[name](states[name], params, class_state, images, labels, teacher_text)
-      jax.block_until_ready(metrics)
-  times = {name: [] for name in variants}
-  for _ in range(args.runs):
-    for name in variants:  # interleaved so machine load hits every variant alike
-      start = time.perf_counter()
-      states[name], metrics = steps[name](states[name], params, class_state, images, labels, teacher_text)
-      jax.block_until_ready(metrics)
-      times[name].append(time.perf_counter() - start)
-  base = statistics.median(times["ce"])
-  print(f"config={args.config} C={args.classes} batch={args.batch} runs={args.runs} devices={jax.devices()}")
-  print("| objective | median step (ms) | × CE |\n|---|---|---|")
-  for name, values in times.items():
-    median = statistics.median(values)
-    print(f"| {name} | {1e3 * median:.2f} | {median / base:.3f} |")
 
+    def run(name=name):
+      states[name], metrics = steps[name](states[name], params, class_state, images, labels, teacher_text)
+      jax.block_until_ready(metrics)
+
+    candidates[name] = run
+  comparison = harness.interleaved(candidates, rounds=args.runs, warmup=2)  # warm-up includes compilation
+  print(f"config={args.config} C={args.classes} batch={args.batch} runs={args.runs} devices={jax.devices()}")
+  print(comparison.markdown(reference="ce", title="objective"))
 
 if __name__ == "__main__":
   main()

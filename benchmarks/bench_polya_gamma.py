@@ -16,8 +16,6 @@ Usage:
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +23,7 @@ from absl import app, flags
 from polyagamma import random_polyagamma
 
 from bayesprompt.bayes.polya_gamma import sample_polya_gamma
+from benchmarks import harness
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_draws", 1_000_000, "PG(1, c) draws per timed call")
@@ -34,13 +33,7 @@ flags.DEFINE_string("key_impl", "threefry2x32", "JAX PRNG implementation for the
 
 def _time(fn, repeats):
   """(min wall s, min CPU s) over `repeats` calls of fn() (which must block until done)."""
-  walls, cpus = [], []
-  for _ in range(repeats):
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    walls.append(time.perf_counter() - wall)
-    cpus.append(time.process_time() - cpu)
-  return min(walls), min(cpus)
+  return harness.best_of(fn, repeats=repeats, warmup=0)
 
 
 def bench_sampler():
@@ -72,8 +65,10 @@ def bench_sampler():
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__}, devices {jax.devices()}")
+  print(f"jax {jax.__version__}, devices {jax.devices()}; {harness.cpu_description()}; "
+        f"load average {harness.load_average():.1f}")
   bench_sampler()
+  print(f"load average after: {harness.load_average():.1f} on {harness.schedulable_cores()} core(s)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star", "purple cross", "orange ring",
@@ -98,23 +97,26 @@ def _time_candidates(candidates: dict, steps: int, rounds: int, warmup: int) -> 
   """{name: [steps/s per round]} of candidates [step, state, args] with step(state, *args) -> (state, aux)."""
   import jax
 
+  from benchmarks import harness
+
   for candidate in candidates.values():  # warm-up (compilation) excluded
     step, cand_state, cand_args = candidate
     for _ in range(warmup):
       cand_state, metrics = step(cand_state, *cand_args)
     jax.block_until_ready((cand_state, metrics))
     candidate[1] = cand_state
-  result = {name: [] for name in candidates}
-  for _ in range(rounds):  # interleaved: load drift on a shared machine hits every candidate alike
-    for name, candidate in candidates.items():
-      step, cand_state, cand_args = candidate
-      begin = time.perf_counter()
-      for _ in range(steps):
-        cand_state, metrics = step(cand_state, *cand_args)
-      jax.block_until_ready((cand_state, metrics))
-      result[name].append(steps / (time.perf_counter() - begin))
-      candidate[1] = cand_state
-  return result
+
+  def run(candidate):
+    step, cand_state, cand_args = candidate
+    for _ in range(steps):
+      cand_state, metrics = step(cand_state, *cand_args)
+    jax.block_until_ready((cand_state, metrics))
+    candidate[1] = cand_state
+
+  # Interleaved (rotating) rounds: load drift on a shared machine hits every candidate alike.
+  comparison = harness.interleaved({name: lambda c=candidate: run(c) for name, candidate in candidates.items()},
+                                   rounds=rounds, warmup=0)
+  return {name: [steps / wall for wall in samples.wall] for name, samples in comparison.samples.items()}
 
 
 def _kfac_candidates(devices: int, config, params, images) -> dict:
@@ -172,6 +174,7 @@ def main() -> None:
   if bad:
     raise SystemExit(f"--batch {args.batch} is not a multiple of device counts {bad}")
   results = {}
+  load_before = os.getloadavg()[0]
   for count in counts:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, __file__, "--worker", str(count), "--methods", args.methods, "--batch", str(args.batch),
@@ -183,7 +186,7 @@ def main() -> None:
     results[count] = json.loads(lines[-1][len("RESULT "):])
 
   print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        f"(load average {os.getloadavg()[0]:.1f} at the end), global batch {args.batch}, "
+        f"(load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after), global batch {args.batch}, "
         f"{args.rounds} rounds x {args.steps} steps")
   print("| method | devices | step | steps/s (median) | min-max | vs 1-device plain step |")
   print("|---|---|---|---|---|---|")
