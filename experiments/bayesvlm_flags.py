@@ -15,7 +15,8 @@ HESSIAN_KEYS = ("checkpoint", "tokenizer", "captions", "captions_split", "image_
                 "pseudo_data_count", "evidence_mode", "lambda_solver", "runlocal", "progress", "num_threads")
 ZEROSHOT_KEYS = ("dataset", "eval_split", "source", "factors_dir", "prior_precision", "predictive", "num_samples",
                  "eval_batch_size", "max_examples", "feature_cache_dir", "label_cache_dir", "probcosine_logit_bias")
-ACTIVE_KEYS = ("pool_dataset", "pool_split", "pool_size", "target_dataset", "target_split", "target_fraction",
+ACTIVE_KEYS = ("pool_dataset", "pool_split", "pool_size", "pool_sources", "target_classes", "target_dataset",
+               "target_split", "target_fraction",
                "acquisitions", "selection", "knn_k", "knn_metric", "rounds", "hessian_update_scale", "online_lr",
                "finetune_lr", "finetune_weight_decay", "finetune_epochs", "finetune_batch_size", "al_num_samples",
                "epig_targets")
@@ -80,6 +81,12 @@ def define_active_flags() -> None:
   flags.DEFINE_string("pool_dataset", "sandbox_shapes", "Registry dataset of the unlabelled pool.")
   flags.DEFINE_string("pool_split", "train", "Split of the pool dataset.")
   flags.DEFINE_integer("pool_size", None, "Use a seeded random subset of the pool of this size (default: all).")
+  flags.DEFINE_list("pool_sources", [], "A pool mixed from several splits (bayesprompt.data.pool), each "
+                    "'dataset:split:count' or 'dataset:split:count:on_target'; replaces --pool_dataset/"
+                    "--pool_split/--pool_size. Pool images of classes the target does not have cost budget but "
+                    "add no label.")
+  flags.DEFINE_enum("target_classes", "all", ["all", "base", "new"], "The target task's label set: all classes "
+                    "of --target_dataset, or its base / new half (relabelled from 0, as in base-to-new).")
   flags.DEFINE_string("target_dataset", "sandbox_shapes_sketch", "Registry dataset of the target domain.")
   flags.DEFINE_string("target_split", "test", "Split of the target dataset (cut into targets + evaluation).")
   flags.DEFINE_float("target_fraction", 0.5, "Fraction of the target split used as unlabelled targets.")

@@ -387,6 +387,84 @@ def test_active_learning_runlocal_and_bad_input(tiny, factors_dir, tmp_path):
     bv_active_learning.run_active_learning({**cfg, "runlocal": False, "pool_size": 0}, tmp_path / "bad3")
 
 
+def test_online_selection_ignores_picks_outside_the_label_set(tiny):
+  """Pool labels < 0 (images of none of the target's classes, bayesprompt.data.pool) spend budget but give no
+  gradient step and no Hessian term: with every pool label < 0, two online rounds of (deterministic) entropy
+  selection equal one offline round."""
+  _, config, params = tiny
+  head = active.head_from_params(params, config)
+  d_v, dim = head.weight.shape
+  rng = np.random.default_rng(3)
+  phi = rng.normal(size=(40, d_v)).astype(np.float32)
+  pool = {"pre_projection": phi, "embeddings": np.asarray(active.head_embeddings(head, phi, 0.0)),
+          "labels": np.full(40, -1)}
+  targets = {"pre_projection": phi[:5], "embeddings": pool["embeddings"][:5]}
+  text = {"embeddings": rng.normal(size=(3, dim)).astype(np.float32), "pre_projection": None}
+  problem = active.Problem(text, None, 2.0, None)
+  common = dict(head=head, factors=_random_factors(jax.random.key(0), d_v, dim), problem=problem, pool=pool,
+                pool_offset=jnp.zeros((40, dim)), targets=targets, budget=12, pseudo_data_count=10.0,
+                prior_precision="fit", online_lr=1e-1)
+  offline = active.select("entropy", jax.random.key(1), rounds=1, **common)
+  online = active.select("entropy", jax.random.key(1), rounds=3, **common)
+  np.testing.assert_array_equal(online.indices, offline.indices)
+  np.testing.assert_array_equal(online.rounds, np.repeat([0, 1, 2], 4))
+  # With real labels the online rounds move the head and re-score the pool (the filter is not a no-op).
+  labelled = active.select("entropy", jax.random.key(1), rounds=3,
+                           **{**common, "pool": {**pool, "labels": rng.integers(0, 3, 40)}})
+  assert not np.array_equal(labelled.indices, offline.indices)
+
+
+def test_active_learning_runlocal_offtarget_pool(tiny, factors_dir, tmp_path):
+  """The off-target flagfile through --runlocal: the pool's make-up and each selection's bookkeeping (on-target
+  share, usable labels, classes covered) against a recount from the returned pool; picks outside the label
+  set never reach the fine-tuning (a selection of only such picks leaves the zero-shot model)."""
+  from bayesprompt.data import pool as pool_lib
+
+  out, _ = factors_dir
+  flagfile = os.path.join(REPO, "experiments/flags/active_learning_offtarget_sandbox.flags")
+  parse_flags(f"--flagfile={flagfile}", f"--checkpoint={tiny[0]}", "--runlocal", f"--factors_dir={out}",
+              f"--run_dir={tmp_path / 'al'}", f"--feature_cache_dir={tmp_path / 'features'}")
+  cfg = bayesvlm_flags.active_config()
+  assert cfg["selection"] == "targeted" and cfg["target_classes"] == "base"
+  with tfds.testing.mock_data(num_examples=48):
+    result = bv_active_learning.run_active_learning(cfg, tmp_path / "al")
+    composed = result["pool"]
+    expected = pool_lib.scale_counts(pool_lib.parse_pool_sources(cfg["pool_sources"]), 64)
+    assert [len(s) for s in composed.splits] == [s.count for s in expected]
+    target = sources.open_split("sandbox_shapes_v2", "test").classnames[:32]  # the base half
+    for i, part in enumerate(composed.splits):
+      own = [part.classnames[c] for c in part.labels]
+      mine = composed.labels[composed.source_ids == i]
+      np.testing.assert_array_equal(mine, [target.index(n) if n in target else -1 for n in own])
+    for acq, per in result["curves"].items():
+      indices = np.asarray(result["selections"][f"{acq}/seed0"])
+      for budget, (row,) in per.items():
+        idx = indices[:budget]
+        labels = composed.labels[idx]
+        assert row["on_target"] == pytest.approx(np.mean(composed.on_target[idx]))
+        assert row["labelled"] == pytest.approx(np.mean(labels >= 0))
+        assert row["classes_covered"] == len(np.unique(labels[labels >= 0]))
+        assert np.isfinite(row["accuracy"]) and np.isfinite(row["nlpd"])
+    md = (tmp_path / "al" / "curves.md").read_text()
+    assert "## on_target" in md and "| total |" in md and (tmp_path / "al" / "pool.json").exists()
+    # A pool of other tasks' images (no colour x shape class) and 4 target images: rows whose picks are all
+    # outside the label set score exactly the zero-shot model.
+    cfg2 = {**cfg, "pool_sources": ["sandbox_textures:train:40", "sandbox_shapes:train:4:on_target"],
+            "target_classes": "all", "selection": "direct"}
+    result = bv_active_learning.run_active_learning(cfg2, tmp_path / "al2")
+  assert np.all(result["pool"].labels[:40] == -1) and np.all(result["pool"].labels[40:] >= 0)
+  empty = [row for per in result["curves"].values() for rows in per.values() for row in rows
+           if row["labelled"] == 0]
+  assert empty, "no selection of only off-label-set picks: the check below would be vacuous"
+  for row in empty:
+    assert row["accuracy"] == result["zero_shot"]["map"]["accuracy"]
+    assert row["nlpd"] == pytest.approx(result["zero_shot"]["map"]["nlpd"], rel=1e-6)
+    assert row["classes_covered"] == 0
+  with pytest.raises(ValueError, match="no pool image is of a target class"):
+    with tfds.testing.mock_data(num_examples=48):
+      bv_active_learning.run_active_learning({**cfg2, "pool_sources": ["sandbox_textures:train:40"]}, tmp_path / "bad")
+
+
 def test_estimate_hessian_binary_entry_point(tiny, data_dir, tmp_path):
   proc = subprocess.run(
     [sys.executable, "-m", "experiments.estimate_hessian", f"--checkpoint={tiny[0]}", "--runlocal",

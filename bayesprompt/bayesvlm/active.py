@@ -379,7 +379,7 @@ def select(
 
   Args:
     pool: {"pre_projection" [N, d_in], "embeddings" [N, D], "labels" [N]} (labels are revealed only for
-      selected points, by the online updates).
+      selected points, by the online updates; a label < 0 marks an image of none of the target's classes).
     targets: {"pre_projection", "embeddings"} of unlabelled test-domain inputs (EPIG, targeted selection).
     epig_targets: EPIG averages over a random subset of this many targets per round (None: all).
     mesh: score EPIG data-parallel over this mesh (`acquisition_scores`); the selection equals one
@@ -437,13 +437,20 @@ def select(
     chosen.extend(int(i) for i in new)
     round_of.extend([r] * len(new))
     if r + 1 < rounds:  # online update with the labels just revealed
+      # A label < 0 says "none of the target's classes" (a mixed pool, bayesprompt.data.pool): such picks
+      # spent budget but give neither a gradient nor a Hessian term.
+      labelled = np.asarray(pool["labels"]) >= 0
       picked = np.asarray(chosen, np.int64)
+      picked = picked[labelled[picked]]
       new_idx = np.asarray(new, np.int64)
-      head, _ = finetune_head(head, pool["pre_projection"][picked], pool_offset[picked], pool["labels"][picked],
-                              problem, k_step, learning_rate=online_lr, weight_decay=online_weight_decay,
-                              epochs=online_steps, batch_size=32)
-      factors = laplace.rank_one_update(factors, pool["pre_projection"][new_idx], scale=hessian_update_scale,
-                                        add_bias=head.add_bias)
+      new_idx = new_idx[labelled[new_idx]]
+      if len(picked):
+        head, _ = finetune_head(head, pool["pre_projection"][picked], pool_offset[picked], pool["labels"][picked],
+                                problem, k_step, learning_rate=online_lr, weight_decay=online_weight_decay,
+                                epochs=online_steps, batch_size=32)
+      if len(new_idx):
+        factors = laplace.rank_one_update(factors, pool["pre_projection"][new_idx], scale=hessian_update_scale,
+                                          add_bias=head.add_bias)
   return Selection(np.asarray(chosen, np.int64), np.asarray(round_of, np.int64))
 
 

@@ -73,8 +73,10 @@ def curves_png(
   ylabel: str,
   title: str = "",
   baseline: float | None = None,
+  baseline_label: str = "zero-shot",
 ) -> None:
-  """Writes mean ± std curves: curves[name] = (x, mean, std), each of the same length; optional baseline."""
+  """Writes mean ± std curves: curves[name] = (x, mean, std), each of the same length; optional baseline (a
+  horizontal line named `baseline_label`)."""
   if not curves:
     raise ValueError("curves_png needs at least one curve")
   plt = _pyplot()
@@ -86,7 +88,7 @@ def curves_png(
     ax.plot(x, mean, marker="o", label=name)
     ax.fill_between(x, mean - std, mean + std, alpha=0.2)
   if baseline is not None:
-    ax.axhline(baseline, color="gray", linestyle="--", label="zero-shot")
+    ax.axhline(baseline, color="gray", linestyle="--", label=baseline_label)
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   ax.legend()
   fig.tight_layout()
