@@ -67,7 +67,7 @@ class PromptRunConfig:
     return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
-def _protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
+def protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
   if cfg.protocol == "base2new":
     return protocols.base_to_new(cfg.dataset, seed=cfg.seed, num_shots=cfg.num_shots, data_dir=cfg.data_dir)
   if cfg.protocol == "fewshot":
@@ -84,6 +84,23 @@ def _protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
   if cfg.protocol == "dg":
     return protocols.domain_generalization(**kwargs)
   raise ValueError(f"unknown protocol {cfg.protocol!r}; expected one of {PROTOCOLS}")
+
+
+def evaluation_splits(cfg: PromptRunConfig, data: protocols.ProtocolData | None = None,
+                      extra_eval_datasets: Sequence[str] | None = None) -> dict[str, LabeledSplit]:
+  """{name: split} of the protocol's test splits plus those of the extra datasets ("<dataset>/<split>";
+  base2new: their base and new classes). `extra_eval_datasets` None: the config's."""
+  data = data or protocol_data(cfg)
+  evals = dict(data.evals)
+  extras = cfg.extra_eval_datasets if extra_eval_datasets is None else extra_eval_datasets
+  for extra in extras:
+    if cfg.protocol == "base2new":
+      extra_data = protocols.base_to_new(extra, seed=cfg.seed, num_shots=cfg.num_shots, train=False,
+                                         data_dir=cfg.data_dir)
+    else:
+      extra_data = protocols.zero_shot(extra, protocol="all", data_dir=cfg.data_dir)
+    evals.update({f"{extra}/{name}": split for name, split in extra_data.evals.items()})
+  return evals
 
 
 def class_prototypes(clip_params, clip_config: clip.CLIPConfig, split: LabeledSplit, batch_size: int) -> jax.Array:
@@ -149,7 +166,7 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
     raise ValueError(f"--resume given but {run_dir} has no checkpoints/ directory to resume from")
   clip_config, clip_params = clip_model or clip.load_checkpoint(cfg.checkpoint)
   clip_config = clip_config.replace(dtype=cfg.compute_dtype)
-  data = _protocol_data(cfg)
+  data = protocol_data(cfg)
   learner = make_learner(cfg.method, clip_config, **dict(cfg.learner_kwargs))
   objective = make_objective(cfg.objective, **dict(cfg.objective_kwargs))
   train_split = data.train
@@ -220,14 +237,7 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
 
   predict = (prompt_trainer.make_predict_step(learner) if mesh is None
              else distributed.make_predict_step(learner, mesh, clip_params))
-  evals = dict(data.evals)
-  for extra in cfg.extra_eval_datasets:
-    if cfg.protocol == "base2new":
-      extra_data = protocols.base_to_new(extra, seed=cfg.seed, num_shots=cfg.num_shots, train=False,
-                                         data_dir=cfg.data_dir)
-    else:
-      extra_data = protocols.zero_shot(extra, protocol="all", data_dir=cfg.data_dir)
-    evals.update({f"{extra}/{name}": split for name, split in extra_data.evals.items()})
+  evals = evaluation_splits(cfg, data)
   results = {}
   for name, split in evals.items():
     if mesh is not None:
@@ -245,11 +255,21 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
   return results
 
 
-def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str = "fewshot",
-                     data_dir: str | None = None, max_eval_examples: int | None = None,
-                     progress: bool = True) -> dict[str, dict[str, float]]:
-  """Evaluates the latest checkpoint of a trained run on another dataset or class list (no retraining:
-  class-dependent state is rebuilt from the new class names)."""
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  """A trained run restored from its directory: config, frozen CLIP, learner and its trained params."""
+
+  cfg: PromptRunConfig
+  clip_config: clip.CLIPConfig
+  clip_params: Any
+  learner: Any
+  params: Any
+  train_classnames: tuple[str, ...]
+  template: str
+
+
+def load_trained(run_dir: str | pathlib.Path) -> TrainedRun:
+  """Restores the latest checkpoint of a trained run (raises ValueError for a directory that is not one)."""
   run_dir = pathlib.Path(run_dir)
   config_path = run_dir / "checkpoints" / "run_config.json"
   if not config_path.exists():
@@ -261,8 +281,8 @@ def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str
   clip_config, clip_params = clip.load_checkpoint(cfg.checkpoint)
   clip_config = clip_config.replace(dtype=cfg.compute_dtype)
   learner = make_learner(cfg.method, clip_config, **dict(cfg.learner_kwargs))
-  train_classes = json.loads((run_dir / "train_classes.json").read_text())["classnames"]
   stored_classes = json.loads((run_dir / "train_classes.json").read_text())
+  train_classes = stored_classes["classnames"]
   class_state = learner.prepare_classes(clip_params, train_classes, templates=[stored_classes["template"]],
                                         train_classnames=train_classes)
   # The restore template needs the trained optimizer's state structure: a schedule carries a step count that
@@ -277,10 +297,22 @@ def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str
     raise ValueError(f"{run_dir} holds no completed checkpoint")
   state = manager.restore(step, template)
   manager.close()
+  return TrainedRun(cfg, clip_config, clip_params, learner, state.params, tuple(train_classes),
+                    stored_classes["template"])
+
+
+def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str = "fewshot",
+                     data_dir: str | None = None, max_eval_examples: int | None = None,
+                     progress: bool = True) -> dict[str, dict[str, float]]:
+  """Evaluates the latest checkpoint of a trained run on another dataset or class list (no retraining:
+  class-dependent state is rebuilt from the new class names)."""
+  run = load_trained(run_dir)
+  cfg = run.cfg
   if protocol == "base2new":
     data = protocols.base_to_new(dataset, seed=cfg.seed, num_shots=cfg.num_shots, train=False, data_dir=data_dir)
   else:
     data = protocols.zero_shot(dataset, protocol="all", data_dir=data_dir)
-  return {name: evaluate(learner, state.params, clip_params, split, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                         max_examples=max_eval_examples, progress=progress, train_classnames=train_classes)
+  return {name: evaluate(run.learner, run.params, run.clip_params, split, batch_size=cfg.eval_batch_size,
+                         seed=cfg.seed, max_examples=max_eval_examples, progress=progress,
+                         train_classnames=run.train_classnames)
           for name, split in data.evals.items()}
