@@ -1,7 +1,7 @@
 r"""Cost of the post-hoc prompt Laplace (issue 18) against the learner's own work, measured in the same run.
 
-  python benchmarks/bench_prompt_laplace.py --method=coop --runs=3
-  python benchmarks/bench_prompt_laplace.py --method=vamp --runs=3
+  PYTHONPATH=. python benchmarks/bench_prompt_laplace.py --method=coop --runs=3
+  PYTHONPATH=. python benchmarks/bench_prompt_laplace.py --method=vamp --runs=3
 
 On the sandbox CLIP and the sandbox base-to-new task (32 base classes x 16 shots = 512 training images):
 * fit: frozen image features of the 512 training images (learners that leave the image tower frozen) + GGN
@@ -75,7 +75,7 @@ def main():
                                        templates=[data.evals["base"].template])
 
   def epoch():
-    s = state
+    s = jax.tree.map(jnp.copy, state)  # the train step donates its state
     for start in range(0, len(train_images) - batch + 1, batch):
       s, _ = step(s, clip_params, class_state, jnp.asarray(train_images[start:start + batch]),
                   jnp.asarray(train_labels[start:start + batch]), teacher)
@@ -87,7 +87,7 @@ def main():
     posterior, _ = prompt_laplace.fit(
         scorer.apply, state.params, inputs, jnp.asarray(train_labels), jax.random.key(0), (clip_params, class_state),
         kind=kind, chunk_size=None if kind == "full" else 64,
-        num_model_samples=4 if scorer.num_draws > 1 else 1, tangent_chunk=128)
+        num_model_samples=1, tangent_chunk=128)
     scorer.laplace = posterior
     return posterior
 

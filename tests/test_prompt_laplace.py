@@ -50,8 +50,9 @@ def test_full_ggn_and_covariance_match_brute_force():
   _, _, ggn, cov = brute_force(params, inputs, 2.0)
   chex.assert_trees_all_close(np.asarray(pl.covariance(posterior)), cov, rtol=1e-4, atol=1e-6)
   eig = np.linalg.eigvalsh(ggn)
+  # float32 eigh: the null-space eigenvalues come back as rounding noise of the largest one.
   np.testing.assert_allclose(np.sort(np.asarray(posterior.ggn_eigvals)), np.clip(eig, 0, None), rtol=1e-4,
-                             atol=1e-5)
+                             atol=1e-5 * np.max(eig))
   assert np.isfinite(info["log_marginal_likelihood"])
 
 

@@ -142,6 +142,8 @@ class PosteriorScorer:
       explicit Jacobian (exact logit covariance) instead of jvp samples.
     bayesvlm_posteriors: {"img", "txt"}: `vlm.TowerPosterior` (from `vlm.tower_posterior`), for "bayesvlm".
     bayesvlm_predictive: "probit" or "mc".
+    laplace_model_samples: draws of a stochastic learner's noise averaged into the full GGN (each costs one
+      Jacobian; the sandbox table uses 1).
   """
 
   run: TrainedRun
@@ -155,6 +157,7 @@ class PosteriorScorer:
   bayesvlm_predictive: str = "probit"
   batch_size: int = 512
   seed: int = 0
+  laplace_model_samples: int = 1
 
   def __post_init__(self):
     self.posteriors = check_posteriors(self.posteriors)
@@ -170,9 +173,9 @@ class PosteriorScorer:
     base = _on_features(learner) if self.on_features else learner
     self.model = _one_draw(base)
     self.num_draws = learner.num_samples(False)
+    # jit with the frozen CLIP as an argument (a closed-over array would be compiled in as a constant).
     self.predict = jax.jit(self._predict_none)
-    clip_params = self.run.clip_params
-    self._image_fn = jax.jit(lambda images: engine.image_features(clip_params, learner.clip_config, images))
+    self._image_fn = jax.jit(functools.partial(engine.image_features, config=learner.clip_config))
     self.apply = self._make_apply()
     self.laplace = None
     self.laplace_info: dict[str, Any] = {}
@@ -184,7 +187,7 @@ class PosteriorScorer:
     """What the learner reads: frozen normalised image features [N, D] (image tower untouched) or images."""
     if not self.on_features:
       return jnp.asarray(images)
-    return jnp.concatenate([self._image_fn(jnp.asarray(images[s:s + self.batch_size]))
+    return jnp.concatenate([self._image_fn(self.run.clip_params, images=jnp.asarray(images[s:s + self.batch_size]))
                             for s in range(0, len(images), self.batch_size)])
 
   def _class_state(self, classnames: Sequence[str], template: str) -> engine.ClassState:
@@ -202,9 +205,9 @@ class PosteriorScorer:
 
     return apply
 
-  def _predict_none(self, params, class_state, inputs, key):
+  def _predict_none(self, params, clip_params, class_state, inputs, key):
     base = _on_features(self.run.learner) if self.on_features else self.run.learner
-    output = base.apply(params, self.run.clip_params, class_state, inputs, key, train=False)
+    output = base.apply(params, clip_params, class_state, inputs, key, train=False)
     return base.predict_probs(output)
 
   # ------------------------------------------------------------------ fitting
@@ -225,7 +228,8 @@ class PosteriorScorer:
     stochastic = self.num_draws > 1
     posterior, info = prompt_laplace.fit(
         self.apply, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
-        (self.run.clip_params, class_state), kind=kind, chunk_size=None if kind == "full" else 64, num_model_samples=4 if stochastic else 1,
+        (self.run.clip_params, class_state), kind=kind, chunk_size=None if kind == "full" else 64,
+        num_model_samples=self.laplace_model_samples if stochastic else 1,
         tangent_chunk=128)
     jax.block_until_ready(posterior)
     self.timings["fit_seconds"] = time.perf_counter() - start
@@ -244,7 +248,8 @@ class PosteriorScorer:
     for name in self.posteriors:
       start = time.perf_counter()
       if name == "none":
-        probs = self._batched(lambda x, k: self.predict(self.run.params, class_state, x, k), inputs, key)
+        probs = self._batched(lambda x, k: self.predict(self.run.params, self.run.clip_params, class_state, x, k),
+                              inputs, key)
       elif name == "laplace":
         probs = self._laplace_probs(class_state, inputs, key)
       else:
