@@ -25,8 +25,8 @@ import numpy as np
 
 import bayesprompt.clip as clip
 from bayesprompt.bayes import prompt_laplace
+from bayesprompt.bayesvlm import prompt_posterior as posterior_lib
 from bayesprompt.data import protocols
-from bayesprompt.eval import posterior as posterior_lib
 from bayesprompt.objectives import make_objective
 from bayesprompt.prompts import make_learner
 from bayesprompt.train import optim, prompt_run, prompt_trainer

@@ -1,4 +1,4 @@
-"""Post-hoc posteriors of trained prompt learners (bayesprompt.eval.posterior, experiments.calibrate_prompts).
+"""Post-hoc posteriors of trained prompt learners (bayesprompt.bayesvlm.prompt_posterior, experiments.calibrate_prompts).
 
 Oracles: the zero-shot BayesVLM path (a CoOp context equal to the template's word embeddings must give the
 template's text features and the same BayesVLM predictive); the run's own evaluation ("none" reproduces the
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 import bayesprompt.clip as clip
-from bayesprompt.bayes import features as features_lib
-from bayesprompt.bayes import laplace, vlm
-from bayesprompt.eval import posterior as posterior_lib
+from bayesprompt.bayes import laplace
+from bayesprompt.bayesvlm import features as features_lib
+from bayesprompt.bayesvlm import prompt_posterior as posterior_lib
+from bayesprompt.bayesvlm import vlm
 from bayesprompt.prompts import make_learner
 from bayesprompt.train import prompt_run
 from tests.test_prompt_run import tiny_checkpoint, tiny_config  # noqa: F401 (module fixture)

@@ -32,12 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import bayesprompt.clip as clip
-from bayesprompt.bayes import features as features_lib
-from bayesprompt.bayes import prompt_laplace, vlm
+from bayesprompt.bayes import prompt_laplace
+from bayesprompt.bayesvlm import features as features_lib
+from bayesprompt.bayesvlm import vlm
 from bayesprompt.data import pipeline, protocols
 from bayesprompt.data.sources import LabeledSplit
 from bayesprompt.eval import metrics as metrics_lib
 from bayesprompt.prompts import engine
+from bayesprompt.train import prompt_run
 from bayesprompt.train.prompt_run import TrainedRun
 
 POSTERIORS = ("none", "laplace", "bayesvlm")
@@ -336,3 +338,53 @@ def predictive_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float
           "ece": float(metrics_lib.ece(probs, labels)),
           "brier": float(metrics_lib.brier(probs, labels)),
           "num_examples": int(labels.shape[0])}
+
+
+def score_runs(run_dirs: Sequence[str], scores_dir: str | pathlib.Path, posteriors: Sequence[str],
+               bayesvlm_config: Mapping[str, Any] | None = None, *, extra_eval_datasets: Sequence[str] = (),
+               max_eval_examples: int | None = None, **scorer_kwargs: Any) -> dict[str, str]:
+  """`experiments.calibrate_prompts`: scores every run directory with each posterior, writes per run
+  posterior_results.json and reliability PNGs under scores_dir/<method>_<objective>_seed<k>/, and
+  results.{md,csv,json} over the runs (rows "<method>+<objective> | <posterior>"). Returns the table paths.
+
+  `bayesvlm_config`: the BayesVLM settings (`experiments.bayesvlm_flags.zeroshot_config()`: factors_dir,
+  pseudo_data_count, prior_precision, evidence_mode, predictive), needed with the "bayesvlm" posterior."""
+  import json
+
+  from bayesprompt.bayesvlm import factors as factors_lib
+  from bayesprompt.eval.results import ResultsWriter
+
+  posteriors = check_posteriors(posteriors)
+  if not run_dirs:
+    raise ValueError("no run directories given: name at least one trained run directory")
+  scores_dir = pathlib.Path(scores_dir)
+  writer = ResultsWriter(scores_dir, title="Post-hoc posteriors for prompt learners")
+  for run_dir in run_dirs:
+    run = prompt_run.load_trained(run_dir)
+    name = f"{run.cfg.method}+{run.cfg.objective}"
+    out_dir = scores_dir / f"{name.replace('+', '_')}_seed{run.cfg.seed}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    towers, predictive = None, "probit"
+    if "bayesvlm" in posteriors:
+      if bayesvlm_config is None:
+        raise ValueError("the 'bayesvlm' posterior needs the BayesVLM settings (factors_dir, ...)")
+      towers, _, _, _ = factors_lib.posteriors(
+          dict(bayesvlm_config), run.clip_config, run.clip_params, clip.get_tokenizer(run.clip_config), out_dir,
+          features_lib.params_fingerprint(run.clip_params))
+      predictive = bayesvlm_config["predictive"]
+    scorer = PosteriorScorer(run, posteriors=posteriors, bayesvlm_posteriors=towers,
+                             bayesvlm_predictive=predictive, **scorer_kwargs)
+    data = prompt_run.protocol_data(run.cfg)
+    info = scorer.fit_laplace(data.train) if "laplace" in posteriors else {}
+    splits = prompt_run.evaluation_splits(run.cfg, data, extra_eval_datasets)
+    results = scorer.score_splits(splits, max_examples=max_eval_examples, png_dir=out_dir)
+    (out_dir / "posterior_results.json").write_text(json.dumps(
+        {"run_dir": str(run_dir), "laplace": info, "timings": scorer.timings, "results": results}, indent=1))
+    print(f"{name} seed {run.cfg.seed}: laplace {info}  timings {scorer.timings}")
+    for split, per_posterior in results.items():
+      for post, metrics in per_posterior.items():
+        writer.add(f"{name} | {post}", run.cfg.seed, {k: v for k, v in metrics.items() if k != "num_examples"},
+                   split=split)
+  paths = writer.write()
+  print(writer.markdown())
+  return paths
