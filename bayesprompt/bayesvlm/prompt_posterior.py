@@ -160,6 +160,8 @@ class PosteriorScorer:
   batch_size: int = 512
   seed: int = 0
   laplace_model_samples: int = 1
+  # Examples per vmap-ed batch of per-example gradients ("diag"): VaMP at 64 needed 11.5 GB (OOM-killed).
+  diag_chunk: int = 8
 
   def __post_init__(self):
     self.posteriors = check_posteriors(self.posteriors)
@@ -230,7 +232,7 @@ class PosteriorScorer:
     stochastic = self.num_draws > 1
     posterior, info = prompt_laplace.fit(
         self.apply, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
-        (self.run.clip_params, class_state), kind=kind, chunk_size=None if kind == "full" else 64,
+        (self.run.clip_params, class_state), kind=kind, chunk_size=None if kind == "full" else self.diag_chunk,
         num_model_samples=self.laplace_model_samples if stochastic else 1,
         tangent_chunk=128)
     jax.block_until_ready(posterior)
