@@ -40,6 +40,7 @@ from bayesprompt.data.registry import (
   resolve_label_subset,
 )
 
+BENCHMARK_SPLITS = ("train", "val", "test")  # the splits of a Dassl split file, in its order
 SOURCES = ("tfds", "folder")
 
 

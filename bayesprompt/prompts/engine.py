@@ -304,7 +304,7 @@ def build_prompts(class_state: ClassState, ctx: jax.Array, *, class_specific: bo
 
 
 def text_features(clip_params: Params, config: clip.CLIPConfig, prompts: jax.Array, pool_index: jax.Array,
-                  edits: clip.edits.Schedule | None = None) -> jax.Array:
+                  edits: clip.edits.Schedule | None = None, projection_inputs: bool = False) -> jax.Array | dict:
   """Normalised text features of prompt embeddings, one batched tower call.
 
   Args:
@@ -312,14 +312,24 @@ def text_features(clip_params: Params, config: clip.CLIPConfig, prompts: jax.Arr
       batch of sequences.
     pool_index: EOT positions, broadcastable to the leading dims (typically [C]).
     edits: token-edit schedule; per-sequence edit tokens must be [prod(leading), n, W_t].
+    projection_inputs: return {"embeddings" [..., D] unnormalised, "pre_projection" [..., d_t]} instead.
   Returns:
     [..., D] float32, L2-normalised.
   """
   lead = prompts.shape[:-2]
   flat = prompts.reshape(-1, *prompts.shape[-2:])
   pool = jnp.broadcast_to(pool_index, lead).reshape(-1)
-  features, _ = clip.text_tower_from_embeddings(clip_params, flat, pool, config=config, edits=edits)
+  features, out = clip.text_tower_from_embeddings(clip_params, flat, pool, config=config, edits=edits)
+  if projection_inputs:
+    return _projection_io(features, out, lead)
   return clip.normalize(features).reshape(*lead, features.shape[-1])
+
+
+def _projection_io(features: jax.Array, out: dict, lead: tuple[int, ...]) -> dict[str, jax.Array]:
+  """{"embeddings": unnormalised [*lead, D], "pre_projection": the projection's input [*lead, d_t]} (float32):
+  what BayesVLM's projection Laplace works from."""
+  return {"embeddings": features.astype(jnp.float32).reshape(*lead, features.shape[-1]),
+          "pre_projection": out["pre_projection"].astype(jnp.float32).reshape(*lead, -1)}
 
 
 def _text_sub_tower(clip_params: Params, config: clip.CLIPConfig, start: int, stop: int):
@@ -349,10 +359,12 @@ def text_hidden_states(clip_params: Params, config: clip.CLIPConfig, prompts: ja
 
 def text_features_from_hidden(clip_params: Params, config: clip.CLIPConfig, hidden: jax.Array,
                               pool_index: jax.Array, start_layer: int,
-                              edits: clip.edits.Schedule | None = None) -> jax.Array:
+                              edits: clip.edits.Schedule | None = None,
+                              projection_inputs: bool = False) -> jax.Array | dict:
   """Normalised text features [M, D] from the tokens entering block `start_layer` ([M, T, W_t]).
 
-  `edits` is keyed by absolute layer index (>= start_layer).
+  `edits` is keyed by absolute layer index (>= start_layer). `projection_inputs`: return the unnormalised
+  embeddings and the projection's input instead (`text_features` likewise).
   """
   if start_layer == 0:
     edits = dict(edits or {})
@@ -366,7 +378,10 @@ def text_features_from_hidden(clip_params: Params, config: clip.CLIPConfig, hidd
     if layer < start_layer:
       raise ValueError(f"edit at text layer {layer} lies before the split at layer {start_layer}")
     shifted[layer - start_layer] = layer_edits
-  features, _ = clip.text_tower_from_embeddings(sub_params, hidden, pool_index, config=sub_config, edits=shifted)
+  features, out = clip.text_tower_from_embeddings(sub_params, hidden, pool_index, config=sub_config,
+                                                 edits=shifted)
+  if projection_inputs:
+    return _projection_io(features, out, features.shape[:1])
   return clip.normalize(features)
 
 

@@ -212,9 +212,10 @@ class VaMP(PromptLearner):
     return mean + jnp.exp(0.5 * log_var) * eps
 
   def sampled_text_features(self, clip_params: Params, class_state: engine.ClassState,
-                            z: jax.Array) -> jax.Array:
+                            z: jax.Array, projection_inputs: bool = False) -> jax.Array | dict:
     """Normalised text features [S, B, C, D] of the class prompts with per-image prompts z [S, H, B, M, W_t]
-    (the text schedule `text_edits`), S x B x C sequences in one tower call per sample."""
+    (the text schedule `text_edits`), S x B x C sequences in one tower call per sample.
+    `projection_inputs`: {"embeddings" [S, B, C, D] unnormalised, "pre_projection" [S, B, C, d_t]} instead."""
     config = self.clip_config
     batch, num_classes = z.shape[2], class_state.num_classes
     seq_pool = jnp.broadcast_to(class_state.pool_index, (batch, num_classes)).reshape(-1)  # [B·C]
@@ -229,9 +230,10 @@ class VaMP(PromptLearner):
       sequences = jnp.broadcast_to(hidden, (batch, *hidden.shape)).reshape(-1, *hidden.shape[1:])
       if self.share_text_prefix:
         feats = engine.text_features_from_hidden(clip_params, config, sequences, seq_pool, self.first_layer,
-                                                 self.text_edits(tokens))
+                                                 self.text_edits(tokens), projection_inputs=projection_inputs)
       else:
-        feats = engine.text_features(clip_params, config, sequences, seq_pool, self.text_edits(tokens))
-      return feats.reshape(batch, num_classes, -1)
+        feats = engine.text_features(clip_params, config, sequences, seq_pool, self.text_edits(tokens),
+                                     projection_inputs=projection_inputs)
+      return jax.tree.map(lambda f: f.reshape(batch, num_classes, -1), feats)
 
     return jax.vmap(sample_text_features)(z)  # [S, B, C, D]

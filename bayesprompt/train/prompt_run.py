@@ -74,7 +74,7 @@ class PromptRunConfig:
     return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
-def _protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
+def protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
   sampling = dict(sampler=cfg.few_shot_sampler, on_short=cfg.on_short)
   if cfg.protocol == "base2new":
     return protocols.base_to_new(cfg.dataset, seed=cfg.seed, num_shots=cfg.num_shots, data_dir=cfg.data_dir,
@@ -106,10 +106,15 @@ def _default_targets(cfg: PromptRunConfig) -> tuple[str, ...]:
   return IMAGENET_CROSS_DATASET_TARGETS if cfg.protocol == "xd" else IMAGENET_SHIFT_TARGETS
 
 
-def _extra_evals(cfg: PromptRunConfig) -> dict[str, LabeledSplit]:
-  """The test splits of `cfg.extra_eval_datasets` (opened, so checked, before any training)."""
-  evals = {}
-  for extra in cfg.extra_eval_datasets:
+def evaluation_splits(cfg: PromptRunConfig, data: protocols.ProtocolData | None = None,
+                      extra_eval_datasets: Sequence[str] | None = None) -> dict[str, LabeledSplit]:
+  """{name: split} of the protocol's test splits plus those of the extra datasets ("<dataset>/<split>";
+  base2new: their base and new classes; opened, so checked, before any training). `extra_eval_datasets` None:
+  the config's."""
+  data = data or protocol_data(cfg)
+  evals = dict(data.evals)
+  extras = cfg.extra_eval_datasets if extra_eval_datasets is None else extra_eval_datasets
+  for extra in extras:
     if cfg.protocol == "base2new":
       extra_data = protocols.base_to_new(extra, seed=cfg.seed, num_shots=cfg.num_shots, train=False,
                                          data_dir=cfg.data_dir, source=cfg.source)
@@ -178,8 +183,8 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
   run_dir = pathlib.Path(run_dir)
   if resume and not (run_dir / "checkpoints").exists():
     raise ValueError(f"--resume given but {run_dir} has no checkpoints/ directory to resume from")
-  data = _protocol_data(cfg)  # first: bad data fails before the model is even loaded
-  evals = {**data.evals, **_extra_evals(cfg)}
+  data = protocol_data(cfg)  # first: bad data fails before the model is even loaded
+  evals = evaluation_splits(cfg, data)
   if verify_images:
     for split in (data.train, data.val, *evals.values()):
       pipeline.verify_images(split, progress=progress)
@@ -274,11 +279,21 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
   return results
 
 
-def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str = "fewshot",
-                     data_dir: str | None = None, max_eval_examples: int | None = None,
-                     progress: bool = True, source: str | None = None) -> dict[str, dict[str, float]]:
-  """Evaluates the latest checkpoint of a trained run on another dataset or class list (no retraining:
-  class-dependent state is rebuilt from the new class names). `source`: as `PromptRunConfig.source`."""
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  """A trained run restored from its directory: config, frozen CLIP, learner and its trained params."""
+
+  cfg: PromptRunConfig
+  clip_config: clip.CLIPConfig
+  clip_params: Any
+  learner: Any
+  params: Any
+  train_classnames: tuple[str, ...]
+  template: str
+
+
+def load_trained(run_dir: str | pathlib.Path) -> TrainedRun:
+  """Restores the latest checkpoint of a trained run (raises ValueError for a directory that is not one)."""
   run_dir = pathlib.Path(run_dir)
   config_path = run_dir / "checkpoints" / "run_config.json"
   if not config_path.exists():
@@ -306,11 +321,23 @@ def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str
     raise ValueError(f"{run_dir} holds no completed checkpoint")
   state = manager.restore(step, template)
   manager.close()
+  return TrainedRun(cfg, clip_config, clip_params, learner, state.params, tuple(train_classes),
+                    stored_classes["template"])
+
+
+def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str = "fewshot",
+                     data_dir: str | None = None, max_eval_examples: int | None = None,
+                     progress: bool = True, source: str | None = None) -> dict[str, dict[str, float]]:
+  """Evaluates the latest checkpoint of a trained run on another dataset or class list (no retraining:
+  class-dependent state is rebuilt from the new class names). `source`: as `PromptRunConfig.source`."""
+  run = load_trained(run_dir)
+  cfg = run.cfg
   if protocol == "base2new":
     data = protocols.base_to_new(dataset, seed=cfg.seed, num_shots=cfg.num_shots, train=False,
                                  data_dir=data_dir, source=source)
   else:
     data = protocols.zero_shot(dataset, protocol="all", data_dir=data_dir, source=source)
-  return {name: evaluate(learner, state.params, clip_params, split, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                         max_examples=max_eval_examples, progress=progress, train_classnames=train_classes)
+  return {name: evaluate(run.learner, run.params, run.clip_params, split, batch_size=cfg.eval_batch_size,
+                         seed=cfg.seed, max_examples=max_eval_examples, progress=progress,
+                         train_classnames=run.train_classnames)
           for name, split in data.evals.items()}

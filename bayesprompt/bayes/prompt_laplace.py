@@ -1,0 +1,476 @@
+"""Post-hoc Laplace over a prompt learner's trainable parameters, with the linearised (GLM) predictive.
+
+Pure functions over (params, apply function, data); only jax / numpy. The model is
+
+  apply_fn(params, inputs, key, context) -> logits [B, C]      (softmax likelihood, labels [B] int)
+
+`inputs` is any pytree whose leaves share the leading batch axis B (images, or cached frozen image features);
+`key` is a PRNG key the function may ignore (deterministic learners) or use for its own Monte Carlo draw
+(VPT / VaMP sample their prompts: one draw per call); `context` is any pytree of constants the function
+reads (the frozen CLIP, the class list), passed as a traced argument so that jit never bakes large arrays into
+the program as constants. θ is the flattened params (`ravel_pytree`), P entries.
+
+The posterior is N(θ*, (G + λI)⁻¹) with G the generalised Gauss-Newton matrix of the summed cross-entropy
+over the N fitting examples, G = Σ_i J_iᵀ Λ_i J_i, J_i = ∂f(x_i)/∂θ [C, P], Λ_i = diag(p_i) − p_i p_iᵀ:
+* "full": G as a dense [P, P] matrix from forward-mode Jacobians (P tangents per chunk of data; for CoOp the
+  Jacobian of the logits only costs P forwards of the text tower over the C class prompts, because the image
+  side does not depend on θ). Stored through its eigendecomposition, so refitting λ is O(P).
+* "diag": the diagonal of G, estimated without Jacobians: for each example draw y_i ~ Cat(p_i) and take the
+  per-example gradient g_i = J_iᵀ(p_i − e_{y_i}); E[g_i g_iᵀ] = J_iᵀ Λ_i J_i, so Σ_i g_i² is an unbiased
+  estimate of diag(G) whose noise falls like 1/√N (`num_label_samples` draws per example average it further).
+  One per-example gradient per example: about one training epoch.
+Stochastic learners: G is averaged over `num_model_samples` draws of the learner's own noise (E_ε[G(ε)]).
+
+The prior is N(θ₀, λ⁻¹I); λ maximises the Laplace evidence
+  log Z(λ) = log p(D | θ*) − ½λ‖θ* − θ₀‖² + ½P·log λ − ½ Σ_k log(g_k + λ)
+(g_k: eigenvalues of G, or its diagonal), which is concave in log λ, so bisection on its derivative finds the
+maximiser. For a linear-Gaussian model this is the exact log marginal likelihood (tests check that).
+
+Linearised predictive, f_lin(x) = f(θ*, x) + J(x)(θ − θ*), θ ~ N(θ*, Σ):
+* `glm_logit_moments`: exact mean f(θ*, x) [B, C], covariance J Σ Jᵀ [B, C, C] from the explicit Jacobian
+  (P forward tangents), for the probit approximation softmax(μ/√(1 + π/8·σ²)) or exact joint samples.
+* `glm_logit_samples`: S samples f(θ*, x; ε_s) + J_s δ_s with δ_s ~ N(0, Σ) by one jvp each (vmap-ed over
+  s; no Jacobian, any P); for stochastic learners each sample also uses the learner's own draw ε_s.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+Array = jax.Array
+ApplyFn = Callable[[Any, Any, Array, Any], Array]
+KINDS = ("full", "diag")
+PREDICTIVES = ("probit", "mc")
+
+
+class PromptLaplace(NamedTuple):
+  """Laplace posterior N(mean, (G + λI)⁻¹) over flattened params (a pytree: jit / vmap friendly).
+
+  Attributes:
+    mean: [P] θ* (float32), the trained params flattened with `ravel_pytree`.
+    prior_mean: [P] θ₀.
+    ggn_eigvals: [P] eigenvalues of G ("full") or its diagonal ("diag"), clipped at 0.
+    ggn_eigvecs: [P, P] eigenvectors of G (columns) for "full"; None for "diag".
+    prior_precision: [] λ > 0.
+  """
+
+  mean: Array
+  prior_mean: Array
+  ggn_eigvals: Array
+  ggn_eigvecs: Array | None
+  prior_precision: Array
+
+  @property
+  def kind(self) -> str:
+    return "diag" if self.ggn_eigvecs is None else "full"
+
+  @property
+  def num_params(self) -> int:
+    return int(self.mean.shape[0])
+
+
+def _check_kind(kind: str) -> None:
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
+
+
+def _batch_size(inputs: Any) -> int:
+  leaves = jax.tree.leaves(inputs)
+  if not leaves:
+    raise ValueError("inputs has no arrays: expected a pytree of arrays with a leading batch axis")
+  sizes = {int(np.shape(leaf)[0]) for leaf in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"inputs' leaves disagree on the batch size: {sorted(sizes)}")
+  return sizes.pop()
+
+
+def _chunks(inputs: Any, labels: Array | None, chunk_size: int | None):
+  """Yields (start, inputs chunk, labels chunk) slices of at most chunk_size examples."""
+  total = _batch_size(inputs)
+  if chunk_size is not None and chunk_size <= 0:
+    raise ValueError(f"chunk_size={chunk_size}; expected a positive integer or None")
+  step = total if chunk_size is None else chunk_size
+  for start in range(0, total, step):
+    piece = jax.tree.map(lambda x, s=start: x[s:s + step], inputs)
+    yield start, piece, None if labels is None else labels[start:start + step]
+
+
+def _check_labels(labels: Array, inputs: Any) -> Array:
+  labels = jnp.asarray(labels)
+  if labels.ndim != 1 or labels.shape[0] != _batch_size(inputs):
+    raise ValueError(f"labels have shape {labels.shape}; expected [{_batch_size(inputs)}] (one per input)")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"labels have dtype {labels.dtype}; expected integer class indices")
+  return labels.astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Jacobians and the GGN.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def flat_apply(apply_fn: ApplyFn, params: Any) -> tuple[Array, Callable[[Array, Any, Array, Any], Array]]:
+  """(θ* [P] float32, f(θ, inputs, key, context)) with f taking the flattened params (traceable: call it inside jit
+  with a stable `apply_fn`, which the jitted functions here take as a static argument)."""
+  flat, unravel = ravel_pytree(params)
+  if flat.size == 0:
+    raise ValueError("params have no entries: nothing to put a Laplace posterior on")
+  if not jnp.issubdtype(flat.dtype, jnp.floating):
+    raise TypeError(f"params flatten to dtype {flat.dtype}; expected floating-point parameters")
+  return flat, lambda theta, inputs, key, context: apply_fn(unravel(theta), inputs, key, context)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "tangent_chunk"))
+def logits_and_jacobian(apply_fn: ApplyFn, params: Any, inputs: Any, key: Array, context: Any = None, *,
+                        tangent_chunk: int | None = None) -> tuple[Array, Array]:
+  """f(θ, inputs) [B, C] and its Jacobian ∂f/∂θ [B, C, P] (θ = flattened params) by forward mode: P tangents,
+  `tangent_chunk` at a time under lax.map (None: all at once)."""
+  theta, fn = flat_apply(apply_fn, params)
+  logits, linear = jax.linearize(lambda t: fn(t, inputs, key, context), theta)
+  num = theta.shape[0]
+  eye = jnp.eye(num, dtype=theta.dtype)
+  if tangent_chunk is None or tangent_chunk >= num:
+    jac = jax.vmap(linear, out_axes=-1)(eye)
+  else:
+    pad = (-num) % tangent_chunk
+    basis = jnp.concatenate([eye, jnp.zeros((pad, num), theta.dtype)]).reshape(-1, tangent_chunk, num)
+    cols = jax.lax.map(jax.vmap(linear, out_axes=-1), basis)  # [K, B, C, chunk]
+    jac = jnp.moveaxis(cols, 0, -2).reshape(*logits.shape, -1)[..., :num]
+  return logits, jac
+
+
+def ggn_from_jacobian(logits: Array, jac: Array) -> Array:
+  """Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i [P, P] from logits [B, C] and Jacobians [B, C, P]."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  jp = jnp.einsum("bcp,bc->bp", jac, probs)  # J_iᵀ p_i
+  flat = jac.reshape(-1, jac.shape[-1])
+  return (flat * probs.reshape(-1, 1)).T @ flat - jp.T @ jp
+
+
+def _model_keys(key: Array, num_model_samples: int) -> Array:
+  if num_model_samples <= 0:
+    raise ValueError(f"num_model_samples={num_model_samples}; expected a positive integer")
+  return jax.random.split(key, num_model_samples)
+
+
+def ggn_full(apply_fn: ApplyFn, params: Any, inputs: Any, key: Array | None = None, context: Any = None, *,
+             chunk_size: int | None = None, num_model_samples: int = 1,
+             tangent_chunk: int | None = None) -> tuple[Array, Array]:
+  """Dense GGN of the summed cross-entropy [P, P] (averaged over the learner's own draws) and the logits
+  [N, C] at θ* (the first draw), from forward-mode Jacobians over chunks of `chunk_size` inputs."""
+  theta, _ = flat_apply(apply_fn, params)
+  keys = _model_keys(jax.random.key(0) if key is None else key, num_model_samples)
+  ggn = jnp.zeros((theta.size, theta.size), jnp.float32)
+  logits_out = []
+  for _, piece, _ in _chunks(inputs, None, chunk_size):
+    for s in range(num_model_samples):
+      logits, jac = logits_and_jacobian(apply_fn, params, piece, keys[s], context, tangent_chunk=tangent_chunk)
+      ggn = ggn + ggn_from_jacobian(logits, jac) / num_model_samples
+      if s == 0:
+        logits_out.append(logits)
+  return ggn, jnp.concatenate(logits_out)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_label_samples"))
+def _sampled_diagonal(apply_fn, params, inputs, key, context, *, num_label_samples):
+  """Σ_i mean_m g_im² [P] with g_im = ∇_θ CE(f(θ, x_i), y_im), y_im ~ Cat(p_i), one example at a time."""
+  theta, fn = flat_apply(apply_fn, params)
+  batch = _batch_size(inputs)
+  model_key, label_key = jax.random.split(key)
+  example_keys = jax.random.split(model_key, batch)
+  label_keys = jax.random.split(label_key, batch)
+
+  def one(example, model_k, label_k):
+    single = jax.tree.map(lambda x: x[None], example)
+    logits, vjp = jax.vjp(lambda t: fn(t, single, model_k, context)[0], theta)
+    probs = jax.nn.softmax(logits.astype(jnp.float32))
+    labels = jax.random.categorical(label_k, jnp.log(probs), shape=(num_label_samples,))
+    residuals = probs[None] - jax.nn.one_hot(labels, probs.shape[0])  # [M, C], covariance Λ_i
+    grads = jax.vmap(lambda r: vjp(r.astype(logits.dtype))[0])(residuals)  # [M, P]
+    return jnp.mean(jnp.square(grads), axis=0)
+
+  return jnp.sum(jax.vmap(one)(inputs, example_keys, label_keys), axis=0)
+
+
+def ggn_diagonal(apply_fn: ApplyFn, params: Any, inputs: Any, key: Array, context: Any = None, *,
+                 chunk_size: int | None = 64, num_label_samples: int = 1) -> Array:
+  """Unbiased estimate of diag(G) [P] from sampled-label per-example gradients (see the module docstring).
+
+  For a stochastic learner each example also gets its own draw of the learner's noise, so the estimate is
+  unbiased for E_ε[diag G(ε)]."""
+  if num_label_samples <= 0:
+    raise ValueError(f"num_label_samples={num_label_samples}; expected a positive integer")
+  theta, _ = flat_apply(apply_fn, params)
+  total = jnp.zeros_like(theta)
+  for start, piece, _ in _chunks(inputs, None, chunk_size):
+    total = total + _sampled_diagonal(apply_fn, params, piece, jax.random.fold_in(key, start), context,
+                                      num_label_samples=num_label_samples)
+  return total
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Posterior, evidence, prior precision.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def posterior_from_ggn(mean: Array, ggn: Array, *, prior_precision: float | Array = 1.0,
+                       prior_mean: Array | None = None, psd_tol: float = 1e-4) -> PromptLaplace:
+  """The posterior from θ* [P] and G: [P, P] (full) or [P] (its diagonal, "diag").
+
+  Raises ValueError for shapes that do not match, non-finite entries, a G that is not PSD (smallest
+  eigenvalue < −psd_tol·max|eig|) or λ ≤ 0."""
+  mean = jnp.asarray(mean, jnp.float32)
+  if mean.ndim != 1:
+    raise ValueError(f"mean has shape {mean.shape}; expected flat params [P]")
+  num = mean.shape[0]
+  ggn = jnp.asarray(ggn, jnp.float32)
+  if not bool(jnp.all(jnp.isfinite(ggn))):
+    raise ValueError("the GGN has non-finite entries")
+  if ggn.shape == (num, num):
+    eigvals, eigvecs = jnp.linalg.eigh(0.5 * (ggn + ggn.T))
+  elif ggn.shape == (num,):
+    eigvals, eigvecs = ggn, None
+  else:
+    raise ValueError(f"ggn has shape {ggn.shape}; expected [{num}, {num}] (full) or [{num}] (diagonal)")
+  lowest, scale = float(jnp.min(eigvals)), float(jnp.max(jnp.abs(eigvals)))
+  if lowest < -psd_tol * max(scale, 1e-30):
+    raise ValueError(f"the GGN is not positive semi-definite: smallest eigenvalue {lowest:.4g} "
+                     f"(largest |eigenvalue| {scale:.4g})")
+  prior_mean = jnp.zeros_like(mean) if prior_mean is None else jnp.asarray(prior_mean, jnp.float32)
+  if prior_mean.shape != mean.shape:
+    raise ValueError(f"prior_mean has shape {prior_mean.shape}; expected {mean.shape}")
+  lam = float(prior_precision)
+  if not (np.isfinite(lam) and lam > 0):
+    raise ValueError(f"prior_precision={prior_precision}; expected a finite λ > 0")
+  return PromptLaplace(mean, prior_mean, jnp.maximum(eigvals, 0.0), eigvecs, jnp.asarray(lam, jnp.float32))
+
+
+def log_marginal_likelihood(posterior: PromptLaplace, log_likelihood: Array | float,
+                            log_prior_precision: Array | float | None = None) -> Array:
+  """Laplace log evidence log p(D|θ*) − ½λ‖θ*−θ₀‖² + ½P·log λ − ½Σ_k log(g_k + λ) at log λ (default: the
+  posterior's λ). Jit- and grad-able in log λ."""
+  if log_prior_precision is None:
+    log_prior_precision = jnp.log(posterior.prior_precision)
+  log_lam = jnp.asarray(log_prior_precision, jnp.float32)
+  lam = jnp.exp(log_lam)
+  sq = jnp.sum(jnp.square(posterior.mean - posterior.prior_mean))
+  return (log_likelihood - 0.5 * lam * sq + 0.5 * posterior.mean.shape[0] * log_lam
+          - 0.5 * jnp.sum(jnp.log(posterior.ggn_eigvals + lam)))
+
+
+@functools.partial(jax.jit, static_argnames=("num_iters",))
+def _bisect_log_lambda(posterior, log_lo, log_hi, num_iters):
+  grad = jax.grad(lambda t: log_marginal_likelihood(posterior, 0.0, t))
+
+  def body(_, bracket):
+    lo, hi = bracket
+    mid = 0.5 * (lo + hi)
+    rising = grad(mid) > 0
+    return jnp.where(rising, mid, lo), jnp.where(rising, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, num_iters, body, (log_lo, log_hi))
+  return jnp.exp(0.5 * (lo + hi))
+
+
+def fit_prior_precision(posterior: PromptLaplace, *, bounds: tuple[float, float] = (1e-8, 1e10),
+                        num_iters: int = 80) -> PromptLaplace:
+  """The posterior with λ maximising `log_marginal_likelihood` (concave in log λ: bisection on its
+  derivative). A maximiser outside `bounds` returns the nearer bound."""
+  lo, hi = bounds
+  if not (0 < lo < hi and math.isfinite(hi)):
+    raise ValueError(f"bounds={bounds}; expected 0 < low < high < inf")
+  lam = _bisect_log_lambda(posterior, jnp.asarray(math.log(lo), jnp.float32),
+                           jnp.asarray(math.log(hi), jnp.float32), num_iters)
+  return posterior._replace(prior_precision=lam)
+
+
+def log_likelihood(logits: Array, labels: Array) -> Array:
+  """Σ_i log softmax(logits_i)[y_i] of logits [N, C], labels [N]."""
+  log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  return jnp.sum(jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1))
+
+
+def fit(apply_fn: ApplyFn, params: Any, inputs: Any, labels: Array, key: Array, context: Any = None, *,
+        kind: str = "full",
+        prior_precision: float | str = "fit", prior_mean: Any = None, chunk_size: int | None = None,
+        num_model_samples: int = 1, num_label_samples: int = 1,
+        tangent_chunk: int | None = None) -> tuple[PromptLaplace, dict[str, float]]:
+  """Laplace over `params` from the fitting data (inputs, labels [N]).
+
+  Args:
+    kind: "full" (dense GGN, Jacobians) or "diag" (sampled-label diagonal).
+    prior_precision: λ > 0, or "fit" (maximise the evidence).
+    prior_mean: params pytree θ₀ (None: zeros, the prior of the weight decay the learners train with).
+    chunk_size: examples per Jacobian / gradient batch (None: all; "diag" defaults to 64 when None).
+    num_model_samples: draws of a stochastic learner's noise averaged into the full GGN.
+  Returns:
+    (posterior, {"prior_precision", "log_likelihood", "log_marginal_likelihood"}).
+  """
+  _check_kind(kind)
+  labels = _check_labels(labels, inputs)
+  theta, fn = flat_apply(apply_fn, params)
+  if kind == "full":
+    ggn, logits = ggn_full(apply_fn, params, inputs, key, context, chunk_size=chunk_size,
+                           num_model_samples=num_model_samples, tangent_chunk=tangent_chunk)
+  else:
+    ggn = ggn_diagonal(apply_fn, params, inputs, key, context, chunk_size=chunk_size or 64,
+                       num_label_samples=num_label_samples)
+    apply = jax.jit(apply_fn)
+    logits = jnp.concatenate([apply(params, piece, key, context)
+                              for _, piece, _ in _chunks(inputs, None, chunk_size or 64)])
+  flat_prior = None if prior_mean is None else ravel_pytree(prior_mean)[0]
+  lam0 = 1.0 if prior_precision == "fit" else prior_precision
+  if isinstance(prior_precision, str) and prior_precision != "fit":
+    raise ValueError(f"prior_precision={prior_precision!r}; expected a positive number or 'fit'")
+  posterior = posterior_from_ggn(theta, ggn, prior_precision=lam0, prior_mean=flat_prior)
+  if prior_precision == "fit":
+    posterior = fit_prior_precision(posterior)
+  loglik = log_likelihood(logits, labels)
+  info = {"prior_precision": float(posterior.prior_precision), "log_likelihood": float(loglik),
+          "log_marginal_likelihood": float(log_marginal_likelihood(posterior, loglik)),
+          "num_params": posterior.num_params, "kind": kind}
+  return posterior, info
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Linearised predictive.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _posterior_scale(posterior: PromptLaplace) -> Array:
+  """(g + λ)^-½ [P]: Σ = V diag(scale²) Vᵀ (full) or diag(scale²)."""
+  return jax.lax.rsqrt(posterior.ggn_eigvals + posterior.prior_precision)
+
+
+def covariance(posterior: PromptLaplace) -> Array:
+  """The dense posterior covariance Σ [P, P] (for tests and small P)."""
+  scale = _posterior_scale(posterior)
+  if posterior.ggn_eigvecs is None:
+    return jnp.diag(jnp.square(scale))
+  return (posterior.ggn_eigvecs * jnp.square(scale)) @ posterior.ggn_eigvecs.T
+
+
+def sample_perturbations(posterior: PromptLaplace, key: Array, num_samples: int) -> Array:
+  """δ_s ~ N(0, Σ): [S, P]."""
+  eps = jax.random.normal(key, (num_samples, posterior.mean.shape[0]), jnp.float32)
+  scaled = eps * _posterior_scale(posterior)
+  return scaled if posterior.ggn_eigvecs is None else scaled @ posterior.ggn_eigvecs.T
+
+
+def _at_mean(params: Any, posterior: PromptLaplace) -> Any:
+  """The params pytree holding the posterior mean (traceable)."""
+  flat, unravel = ravel_pytree(params)
+  if flat.shape != posterior.mean.shape:
+    raise ValueError(f"params flatten to {flat.shape[0]} entries but the posterior has {posterior.mean.shape[0]}")
+  return unravel(posterior.mean)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "tangent_chunk"))
+def _glm_moments(apply_fn, params, posterior, inputs, key, context, tangent_chunk):
+  logits, jac = logits_and_jacobian(apply_fn, _at_mean(params, posterior), inputs, key, context,
+                                    tangent_chunk=tangent_chunk)
+  scale = _posterior_scale(posterior)
+  # J Σ Jᵀ = (J L)(J L)ᵀ with L = V diag(scale) (or diag(scale)).
+  jl = (jac if posterior.ggn_eigvecs is None else jac @ posterior.ggn_eigvecs) * scale
+  return logits, jnp.einsum("bcp,bdp->bcd", jl, jl), jl
+
+
+def glm_logit_moments(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, inputs: Any,
+                      key: Array | None = None, context: Any = None, *,
+                      tangent_chunk: int | None = None) -> tuple[Array, Array]:
+  """Mean f(θ*, x) [B, C] and covariance J Σ Jᵀ [B, C, C] of the linearised logits (explicit Jacobian).
+
+  `params` only gives the pytree structure (the posterior's mean is the linearisation point)."""
+  mean, cov, _ = _glm_moments(apply_fn, params, posterior, inputs, jax.random.key(0) if key is None else key,
+                              context, tangent_chunk)
+  return mean, cov
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_samples"))
+def _glm_samples(apply_fn, params, posterior, inputs, key, context, num_samples):
+  _, fn = flat_apply(apply_fn, params)
+  model_key, param_key = jax.random.split(key)
+  deltas = sample_perturbations(posterior, param_key, num_samples)
+  model_keys = jax.random.split(model_key, num_samples)
+
+  def one(delta, model_k):  # f(θ*; ε_s) + J_s δ_s by one jvp
+    primal, tangent = jax.jvp(lambda t: fn(t, inputs, model_k, context), (posterior.mean,), (delta,))
+    return primal + tangent
+
+  return jax.vmap(one)(deltas, model_keys)
+
+
+def glm_logit_samples(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, inputs: Any, key: Array,
+                      num_samples: int, context: Any = None) -> Array:
+  """Samples of the linearised logits [S, B, C], one jvp each (vmap-ed), no Jacobian: any number of params.
+
+  A stochastic learner's own noise is drawn afresh for every sample (its key is split from `key`)."""
+  if num_samples <= 0:
+    raise ValueError(f"num_samples={num_samples}; expected a positive integer")
+  return _glm_samples(apply_fn, params, posterior, inputs, key, context, num_samples)
+
+
+def probit_from_moments(mean: Array, cov: Array) -> Array:
+  """Probit predictive softmax(μ/√(1 + π/8·σ²)) [B, C] from logit mean [B, C] and covariance [B, C, C]."""
+  var = jnp.diagonal(cov, axis1=-2, axis2=-1)
+  return jax.nn.softmax(mean * jax.lax.rsqrt(1.0 + (math.pi / 8.0) * var), axis=-1)
+
+
+def mean_softmax(logit_samples: Array) -> Array:
+  """(1/S) Σ_s softmax(logits_s) [B, C] from [S, B, C], computed as exp(logsumexp − log S)."""
+  log_probs = jax.nn.log_softmax(logit_samples.astype(jnp.float32), axis=-1)
+  return jnp.exp(jax.nn.logsumexp(log_probs, axis=0) - math.log(logit_samples.shape[0]))
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "chunk_size"))
+def mc_from_moments(key: Array, mean: Array, cov_root: Array, num_samples: int, chunk_size: int = 100) -> Array:
+  """Monte Carlo predictive with exact joint logits: (1/S) Σ_s softmax(μ + R ε_s), R [B, C, P] a root of the
+  covariance (R Rᵀ = J Σ Jᵀ), ε_s ~ N(0, I_P). Samples vmap-ed in chunks of `chunk_size`."""
+  chunk = min(chunk_size, num_samples)
+  num_chunks = -(-num_samples // chunk)
+  keys = jax.random.split(key, num_chunks * chunk).reshape(num_chunks, chunk)
+  valid = (jnp.arange(num_chunks * chunk) < num_samples).reshape(num_chunks, chunk)
+
+  def one(k):
+    eps = jax.random.normal(k, cov_root.shape[-1:], jnp.float32)
+    return jax.nn.softmax(mean + cov_root @ eps, axis=-1)
+
+  def body(total, xs):
+    ks, mask = xs
+    probs = jax.vmap(one)(ks)
+    return total + jnp.sum(probs * mask[:, None, None], axis=0), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros(mean.shape, jnp.float32), (keys, valid))
+  return total / num_samples
+
+
+def glm_predictive(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, inputs: Any, key: Array,
+                   context: Any = None, *,
+                   method: str = "probit", num_samples: int = 100, use_jacobian: bool | None = None,
+                   tangent_chunk: int | None = None) -> Array:
+  """Linearised predictive probabilities [B, C].
+
+  With the Jacobian (default for a full posterior): probit from the exact logit variances, or MC with exact
+  joint draws. Without it (default for "diag"): `num_samples` jvp samples; "mc" averages their softmax,
+  "probit" applies the probit to their empirical mean and variance."""
+  if method not in PREDICTIVES:
+    raise ValueError(f"method={method!r}; expected one of {PREDICTIVES}")
+  use_jacobian = posterior.kind == "full" if use_jacobian is None else use_jacobian
+  if use_jacobian:
+    mean, cov, root = _glm_moments(apply_fn, params, posterior, inputs, key, context, tangent_chunk)
+    if method == "probit":
+      return probit_from_moments(mean, cov)
+    return mc_from_moments(jax.random.fold_in(key, 1), mean, root, num_samples)
+  samples = glm_logit_samples(apply_fn, params, posterior, inputs, key, num_samples, context)
+  if method == "mc":
+    return mean_softmax(samples)
+  var = jnp.var(samples, axis=0)
+  return jax.nn.softmax(jnp.mean(samples, axis=0) * jax.lax.rsqrt(1.0 + (math.pi / 8.0) * var), axis=-1)

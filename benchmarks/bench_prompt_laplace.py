@@ -1,0 +1,126 @@
+r"""Cost of the post-hoc prompt Laplace (issue 18) against the learner's own work, measured in the same run.
+
+  PYTHONPATH=. python benchmarks/bench_prompt_laplace.py --method=coop --runs=3
+  PYTHONPATH=. python benchmarks/bench_prompt_laplace.py --method=vamp --runs=3
+
+On the sandbox CLIP and the sandbox base-to-new task (32 base classes x 16 shots = 512 training images):
+* fit: frozen image features of the 512 training images (learners that leave the image tower frozen) + GGN
+  (full for CoOp / VPT, sampled-label diagonal for VaMP) + λ by marginal likelihood, vs one training epoch
+  (512 / batch steps of the jitted train step on preloaded images, the learner's sandbox batch size);
+* predictive: the linearised MC predictive (--samples jvps) over the 1600 base test images, vs the
+  deterministic evaluation (the jitted predict step over the same images, batches of 256).
+Both sides use preloaded arrays (no input pipeline). Rounds interleave the candidates; the table reports the
+median wall time and process CPU time (all threads) per candidate, their ratios, and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bayesprompt.clip as clip
+from bayesprompt.bayes import prompt_laplace
+from bayesprompt.bayesvlm import prompt_posterior as posterior_lib
+from bayesprompt.data import protocols
+from bayesprompt.objectives import make_objective
+from bayesprompt.prompts import make_learner
+from bayesprompt.train import optim, prompt_run, prompt_trainer
+
+RECIPES = {  # the sandbox flagfiles' learner and batch size
+    "coop": ({"n_ctx": 4, "ctx_init": "a photo of a"}, 32),
+    "vpt": ({}, 4),
+    "vamp": ({}, 4),
+}
+
+
+def timed(fn):
+  wall, cpu = time.perf_counter(), time.process_time()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--method", default="coop", choices=sorted(RECIPES))
+  parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--samples", type=int, default=32, help="jvp samples of the linearised predictive")
+  args = parser.parse_args()
+
+  clip_config, clip_params = clip.load_checkpoint("sandbox")
+  hparams, batch = RECIPES[args.method]
+  learner = make_learner(args.method, clip_config, **hparams)
+  data = protocols.base_to_new("sandbox_shapes", seed=1, num_shots=16)
+  train_images, train_labels = posterior_lib.load_split(data.train, clip_config.vision.image_size)
+  test_images, _ = posterior_lib.load_split(data.evals["base"], clip_config.vision.image_size)
+  prototypes = None
+  if learner.needs_class_prototypes:
+    prototypes = prompt_run.class_prototypes(clip_params, clip_config, data.train, 256)
+  class_state = learner.prepare_classes(clip_params, data.train.classnames, templates=[data.train.template],
+                                        class_prototypes=prototypes, train_classnames=data.train.classnames)
+  optimizer = optim.make_optimizer("sgd", 1e-3)
+  state = prompt_trainer.create_train_state(learner, optimizer, 1, clip_params, class_state)
+  step = prompt_trainer.make_train_step(learner, make_objective("ce"), optimizer)
+  predict = prompt_trainer.make_predict_step(learner)
+  teacher = class_state.zeroshot_text_features
+  run = prompt_run.TrainedRun(prompt_run.PromptRunConfig(method=args.method), clip_config, clip_params, learner,
+                              state.params, tuple(data.train.classnames), data.train.template)
+  scorer = posterior_lib.PosteriorScorer(run, posteriors=("none", "laplace"), laplace_samples=args.samples,
+                                         batch_size=512)
+  eval_state = learner.prepare_classes(clip_params, data.evals["base"].classnames,
+                                       templates=[data.evals["base"].template])
+
+  def epoch():
+    s = jax.tree.map(jnp.copy, state)  # the train step donates its state
+    for start in range(0, len(train_images) - batch + 1, batch):
+      s, _ = step(s, clip_params, class_state, jnp.asarray(train_images[start:start + batch]),
+                  jnp.asarray(train_labels[start:start + batch]), teacher)
+    return s.params
+
+  def fit():
+    inputs = scorer.inputs(train_images)
+    kind = scorer.kind()
+    posterior, _ = prompt_laplace.fit(
+        scorer.apply, state.params, inputs, jnp.asarray(train_labels), jax.random.key(0), (clip_params, class_state),
+        kind=kind, chunk_size=None if kind == "full" else 64,
+        num_model_samples=1, tangent_chunk=128)
+    scorer.laplace = posterior
+    return posterior
+
+  def deterministic():
+    key = jax.random.key(0)
+    return jnp.concatenate([predict(state.params, clip_params, eval_state, jnp.asarray(test_images[s:s + 256]),
+                                    jax.random.fold_in(key, s)) for s in range(0, len(test_images), 256)])
+
+  def linearised():
+    return scorer._laplace_probs(eval_state, scorer.inputs(test_images), jax.random.key(0))
+
+  candidates = {"train epoch": epoch, "laplace fit": fit, "deterministic eval": deterministic,
+                "laplace predictive": linearised}
+  for fn in candidates.values():  # compile (not timed)
+    jax.block_until_ready(fn())
+  times = {name: [] for name in candidates}
+  loads = []
+  for _ in range(args.runs):
+    for name, fn in candidates.items():
+      times[name].append(timed(fn))
+    loads.append(os.getloadavg()[0])
+  med = {name: (float(np.median([w for w, _ in t])), float(np.median([c for _, c in t]))) for name, t in times.items()}
+  params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
+  print(f"# {args.method}: {params} params, Laplace kind {scorer.kind()}, {args.samples} jvp samples, "
+        f"{args.runs} runs, load average per round {[round(x, 1) for x in loads]}")
+  print("| candidate | wall median (s) | CPU median (s) |\n|---|---|---|")
+  for name, (wall, cpu) in med.items():
+    print(f"| {name} | {wall:.3f} | {cpu:.3f} |")
+  print(f"fit / epoch: wall {med['laplace fit'][0] / med['train epoch'][0]:.2f}, "
+        f"CPU {med['laplace fit'][1] / med['train epoch'][1]:.2f}")
+  print(f"predictive / deterministic: wall {med['laplace predictive'][0] / med['deterministic eval'][0]:.2f}, "
+        f"CPU {med['laplace predictive'][1] / med['deterministic eval'][1]:.2f}")
+
+
+if __name__ == "__main__":
+  main()

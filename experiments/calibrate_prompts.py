@@ -1,0 +1,51 @@
+r"""Score trained prompt-learning runs with a post-hoc posterior: none, a Laplace over the learned prompt, or
+BayesVLM's projection Laplace with the learner's text features (issue 18).
+
+  python -m experiments.calibrate_prompts --flagfile=experiments/flags/calibrate_prompts_sandbox.flags \
+      --run_dirs=runs/calib/coop/coop_ce/seed1,runs/calib/coop/coop_ce/seed2 --scores_dir=runs/calib/scores/coop_ce
+
+For every run directory and every --posterior: accuracy, NLL, ECE and Brier on the run's protocol splits and
+on --extra_eval_datasets, reliability PNGs per split, results.{md,csv,json} over the runs. The Laplace's λ is
+fitted by marginal likelihood on the run's training split; --laplace_kind=auto: "full" up to
+--max_full_params trainable parameters (CoOp, VPT), else "diag" (VaMP, MaPLe, ...). BayesVLM flags
+(--factors_dir, --pseudo_data_count, --prior_precision, --evidence_mode, --predictive) are experiments.bayesvlm's.
+Library: bayesprompt.bayesvlm.prompt_posterior.score_runs.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from experiments import bayesvlm_flags
+
+FLAGS = flags.FLAGS
+bayesvlm_flags.define_zeroshot_flags()
+flags.DEFINE_list("run_dirs", [], "Trained run directories (each with checkpoints/ and train_classes.json).")
+flags.DEFINE_list("posterior", ["none", "laplace", "bayesvlm"], "Posteriors to score: none, laplace, bayesvlm.")
+flags.DEFINE_list("extra_eval_datasets", [], "More test sets under the run's protocol (e.g. the shifts).")
+flags.DEFINE_enum("laplace_kind", "auto", ["auto", "full", "diag"], "GGN of the prompt Laplace.")
+flags.DEFINE_integer("max_full_params", 4096, "--laplace_kind=auto: full GGN up to this many parameters.")
+flags.DEFINE_enum("laplace_predictive", "mc", ["probit", "mc"], "Linearised predictive of the prompt Laplace.")
+flags.DEFINE_integer("laplace_samples", 32, "jvp samples of the linearised predictive.")
+flags.DEFINE_bool("laplace_jacobian", False, "Deterministic learners: exact logit covariance from the Jacobian "
+                  "(P forward tangents) instead of --laplace_samples jvp samples.")
+flags.DEFINE_integer("max_eval_examples", None, "Score a fixed random subset of each split.")
+flags.DEFINE_string("scores_dir", None, "Where results and PNGs go (default runs/calibrate_prompts/<time>).")
+
+
+def main(argv):
+  del argv
+  from bayesprompt.bayesvlm import prompt_posterior
+  from bayesprompt.train.run_dir import timestamp
+
+  prompt_posterior.score_runs(
+      FLAGS.run_dirs, FLAGS.scores_dir or f"runs/calibrate_prompts/{timestamp()}", FLAGS.posterior,
+      bayesvlm_flags.zeroshot_config(), extra_eval_datasets=FLAGS.extra_eval_datasets,
+      max_eval_examples=FLAGS.max_eval_examples, laplace_kind=FLAGS.laplace_kind,
+      max_full_params=FLAGS.max_full_params, laplace_predictive=FLAGS.laplace_predictive,
+      laplace_samples=FLAGS.laplace_samples, laplace_jacobian=FLAGS.laplace_jacobian,
+      batch_size=FLAGS.eval_batch_size)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,138 @@
+"""Post-hoc posteriors of trained prompt learners (bayesprompt.bayesvlm.prompt_posterior, experiments.calibrate_prompts).
+
+Oracles: the zero-shot BayesVLM path (a CoOp context equal to the template's word embeddings must give the
+template's text features and the same BayesVLM predictive); the run's own evaluation ("none" reproduces the
+metrics the training run wrote); the MAP predictive (a Laplace whose prior precision → ∞ collapses onto it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bayesprompt.clip as clip
+from bayesprompt.bayes import laplace
+from bayesprompt.bayesvlm import features as features_lib
+from bayesprompt.bayesvlm import prompt_posterior as posterior_lib
+from bayesprompt.bayesvlm import vlm
+from bayesprompt.prompts import make_learner
+from bayesprompt.train import prompt_run
+from tests.test_prompt_run import tiny_checkpoint, tiny_config  # noqa: F401 (module fixture)
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+CLASSES = ["red circle", "blue square", "green triangle"]
+
+
+def random_towers(params, config, seed=0, prior_precision=3.0):
+  """BayesVLM posteriors from random PSD factors of the right shapes (the identity under test does not
+  depend on their values)."""
+  rng = np.random.default_rng(seed)
+  towers = {}
+  for tower in vlm.TOWERS:
+    d_in, dim = vlm.projection_dims(params, config, tower)
+    a, b = rng.normal(size=(d_in, d_in)), rng.normal(size=(dim, dim))
+    factors = laplace.KFACFactors(jnp.asarray(a @ a.T, jnp.float32), jnp.asarray(b @ b.T, jnp.float32),
+                                  jnp.asarray(100.0))
+    towers[tower], _ = vlm.tower_posterior(factors, params, config, tower, pseudo_data_count=10.0,
+                                           prior_precision=prior_precision)
+  return towers
+
+
+def test_bayesvlm_with_the_template_context_equals_zero_shot_bayesvlm(tiny_checkpoint):  # noqa: F811
+  config, params = clip.load_checkpoint(str(tiny_checkpoint))
+  learner = make_learner("coop", config, n_ctx=4, ctx_init="a photo of a")
+  class_state = learner.prepare_classes(params, CLASSES)
+  learner_params = learner.init(jax.random.key(0), params, class_state)  # = the template's word embeddings
+  text = posterior_lib.learner_text_features(learner, learner_params, params, class_state, jax.random.key(0), 1)
+  template = features_lib.prompt_features(params, config, clip.get_tokenizer(config), CLASSES, "a photo of a {}.")
+  for key in ("pre_projection", "embeddings"):
+    np.testing.assert_allclose(np.asarray(text[key][0]), template[key], rtol=1e-5, atol=1e-5)
+
+  images = np.asarray(jax.random.normal(jax.random.key(1), (5, config.vision.image_size,
+                                                             config.vision.image_size, 3)))
+  image = features_lib.image_features(params, config, images)
+  towers = random_towers(params, config)
+  scale = float(params["logit_scale"])
+  ours = vlm.zero_shot_predictive(towers["img"], towers["txt"], image, {k: v[0] for k, v in text.items()}, scale)
+  zero_shot = vlm.zero_shot_predictive(towers["img"], towers["txt"], image, template, scale)
+  assert np.all(np.isfinite(np.asarray(ours)))
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(zero_shot), atol=1e-5)
+  # Without uncertainty the learner's own logits come back (the 'none' posterior).
+  logits = learner.apply(learner_params, params, class_state, jnp.asarray(images)).logits[0]
+  np.testing.assert_allclose(np.asarray(vlm.map_log_probs(image, {k: v[0] for k, v in text.items()}, scale)),
+                             np.asarray(jax.nn.log_softmax(logits)), atol=1e-5)
+
+
+def test_image_conditioned_learners_are_refused_for_bayesvlm(tiny_checkpoint):  # noqa: F811
+  config, params = clip.load_checkpoint(str(tiny_checkpoint))
+  learner = make_learner("cocoop", config)
+  class_state = learner.prepare_classes(params, CLASSES)
+  with pytest.raises(ValueError, match="supports coop"):
+    posterior_lib.learner_text_features(learner, learner.init(jax.random.key(0), params, class_state), params,
+                                        class_state, jax.random.key(0), 1)
+
+
+@pytest.fixture(scope="module")
+def trained_coop(tiny_checkpoint, tmp_path_factory):  # noqa: F811
+  cfg = prompt_run.PromptRunConfig(
+      method="coop", dataset="sandbox_shapes", protocol="base2new", checkpoint=str(tiny_checkpoint), num_shots=2,
+      seed=3, epochs=1, batch_size=16, lr=0.05, warmup_epochs=0, learner_kwargs={"n_ctx": 2},
+      eval_batch_size=32, max_eval_examples=48)
+  run_dir = tmp_path_factory.mktemp("coop_run")
+  prompt_run.run(cfg, run_dir, progress=False)
+  return run_dir
+
+
+def test_scorer_reproduces_the_run_and_collapses_onto_it_without_uncertainty(trained_coop):
+  run = prompt_run.load_trained(trained_coop)
+  scorer = posterior_lib.PosteriorScorer(run, posteriors=("none", "laplace"), laplace_samples=8, batch_size=64)
+  data = prompt_run.protocol_data(run.cfg)
+  info = scorer.fit_laplace(data.train)
+  assert info["kind"] == "full" and info["num_params"] == 2 * run.clip_config.text.width
+  assert np.isfinite(info["log_marginal_likelihood"]) and info["prior_precision"] > 0
+  results = scorer.score_splits(prompt_run.evaluation_splits(run.cfg, data), max_examples=48)
+  stored = json.loads((trained_coop / "results.json").read_text())["results"]
+  for split in ("base", "new"):
+    for metric in ("accuracy", "nll", "ece", "brier"):
+      np.testing.assert_allclose(results[split]["none"][metric], stored[split][metric], rtol=1e-5, atol=1e-6)
+      assert np.isfinite(results[split]["laplace"][metric])
+  # λ → ∞: the linearised predictive is the MAP predictive, and so is BayesVLM with near-certain projections.
+  scorer.laplace = scorer.laplace._replace(prior_precision=jnp.asarray(1e12, jnp.float32))
+  scorer.posteriors = ("none", "laplace", "bayesvlm")
+  scorer.bayesvlm_posteriors = random_towers(run.clip_params, run.clip_config, prior_precision=1e10)
+  split = data.evals["base"]
+  images, _ = posterior_lib.load_split(split, run.clip_config.vision.image_size)
+  probs = scorer.probabilities(split, images[:20])
+  np.testing.assert_allclose(probs["laplace"], probs["none"], atol=1e-4)
+  np.testing.assert_allclose(probs["bayesvlm"], probs["none"], atol=1e-4)
+
+
+def test_diagonal_laplace_for_a_prompted_image_tower(trained_coop):
+  """VaMP (deep prompts in both towers, sampled per image): the diagonal Laplace fits and predicts."""
+  base = prompt_run.load_trained(trained_coop)
+  learner = make_learner("vamp", base.clip_config, num_test_samples=2)
+  data = prompt_run.protocol_data(base.cfg)
+  class_state = learner.prepare_classes(base.clip_params, data.train.classnames, templates=[data.train.template])
+  params = learner.init(jax.random.key(0), base.clip_params, class_state)
+  run = dataclasses.replace(base, learner=learner, params=params)
+  towers = random_towers(run.clip_params, run.clip_config, prior_precision=1e10)
+  scorer = posterior_lib.PosteriorScorer(run, posteriors=("none", "laplace", "bayesvlm"), laplace_samples=4,
+                                         batch_size=16, bayesvlm_posteriors=towers)
+  assert not scorer.on_features  # VaMP prompts the image tower: it reads images
+  scorer.laplace_kind = "diag"
+  train = data.train.select(np.arange(16))
+  info = scorer.fit_laplace(train)
+  assert info["kind"] == "diag" and np.isfinite(info["log_marginal_likelihood"])
+  assert bool(jnp.all(scorer.laplace.ggn_eigvals >= 0)) and float(jnp.max(scorer.laplace.ggn_eigvals)) > 0
+  images, labels = posterior_lib.load_split(data.evals["new"], run.clip_config.vision.image_size)
+  probs = scorer.probabilities(data.evals["new"], images[:8])
+  for p in probs.values():
+    assert np.all(np.isfinite(p))
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+  # Near-certain projections: BayesVLM on VaMP's own towers and draws gives VaMP's own predictive.
+  np.testing.assert_allclose(probs["bayesvlm"], probs["none"], atol=1e-4)

@@ -1,0 +1,147 @@
+"""Prompt Laplace (bayesprompt.bayes.prompt_laplace) against brute force and closed forms."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from bayesprompt.bayes import prompt_laplace as pl
+
+NUM_CLASSES, FEATURE_DIM = 3, 4
+CONTEXT = {"gain": jnp.asarray(1.5, jnp.float32)}  # a constant the model reads, passed as `context`
+
+
+def tiny_apply(params, inputs, key, context):
+  """A tiny 'prompt learner': a context [2, 3] shapes class prototypes through a tanh; logits [B, 3]."""
+  del key
+  prototypes = jnp.tanh(params["ctx"] @ params["mix"]) * context["gain"]  # [2, FEATURE_DIM]
+  classes = jnp.stack([prototypes[0], prototypes[1], prototypes[0] * prototypes[1]])  # [C, FEATURE_DIM]
+  return 3.0 * inputs["x"] @ classes.T
+
+
+def tiny_setup(num=24, seed=0):
+  rng = np.random.default_rng(seed)
+  params = {"ctx": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32),
+            "mix": jnp.asarray(0.5 * rng.normal(size=(3, FEATURE_DIM)), jnp.float32)}
+  inputs = {"x": jnp.asarray(rng.normal(size=(num, FEATURE_DIM)), jnp.float32)}
+  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, num), jnp.int32)
+  return params, inputs, labels
+
+
+def brute_force(params, inputs, lam):
+  """Explicit Jacobian (jax.jacfwd of the flat function), the GGN and the covariance, in float64."""
+  theta, unravel = ravel_pytree(params)
+  fn = lambda t: tiny_apply(unravel(t), inputs, None, CONTEXT)  # noqa: E731
+  jac = np.asarray(jax.jacfwd(fn)(theta), np.float64)  # [B, C, P]
+  probs = np.asarray(jax.nn.softmax(fn(theta)), np.float64)
+  ggn = sum(jac[i].T @ (np.diag(probs[i]) - np.outer(probs[i], probs[i])) @ jac[i] for i in range(len(jac)))
+  cov = np.linalg.inv(ggn + lam * np.eye(len(theta)))
+  return np.asarray(fn(theta), np.float64), jac, ggn, cov
+
+
+def test_full_ggn_and_covariance_match_brute_force():
+  params, inputs, labels = tiny_setup()
+  posterior, info = pl.fit(tiny_apply, params, inputs, labels, jax.random.key(0), CONTEXT, kind="full",
+                           prior_precision=2.0, chunk_size=7, tangent_chunk=4)
+  _, _, ggn, cov = brute_force(params, inputs, 2.0)
+  chex.assert_trees_all_close(np.asarray(pl.covariance(posterior)), cov, rtol=1e-4, atol=1e-6)
+  eig = np.linalg.eigvalsh(ggn)
+  # float32 eigh: the null-space eigenvalues come back as rounding noise of the largest one.
+  np.testing.assert_allclose(np.sort(np.asarray(posterior.ggn_eigvals)), np.clip(eig, 0, None), rtol=1e-4,
+                             atol=1e-5 * np.max(eig))
+  assert np.isfinite(info["log_marginal_likelihood"])
+
+
+def test_glm_predictive_matches_a_million_draws():
+  params, inputs, labels = tiny_setup()
+  test_inputs = {"x": tiny_setup(num=6, seed=1)[1]["x"]}
+  lam = 0.5
+  posterior, _ = pl.fit(tiny_apply, params, inputs, labels, jax.random.key(0), CONTEXT, prior_precision=lam)
+  _, _, _, cov = brute_force(params, inputs, lam)
+  logits, jac, _, _ = brute_force(params, test_inputs, lam)
+
+  # Exact moments: J Σ Jᵀ.
+  mean, logit_cov = pl.glm_logit_moments(tiny_apply, params, posterior, test_inputs, context=CONTEXT)
+  np.testing.assert_allclose(np.asarray(mean), logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(logit_cov), np.einsum("bcp,pq,bdq->bcd", jac, cov, jac), rtol=1e-4,
+                             atol=1e-6)
+
+  # 10⁶ draws θ ~ N(θ*, Σ) through the explicit linearisation, in float64.
+  rng = np.random.default_rng(0)
+  chol = np.linalg.cholesky(cov)
+  truth = np.zeros_like(logits)
+  for _ in range(10):
+    delta = rng.standard_normal((100_000, cov.shape[0])) @ chol.T
+    z = logits[None] + np.einsum("bcp,sp->sbc", jac, delta)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    truth += (z / z.sum(-1, keepdims=True)).mean(0) / 10
+
+  key = jax.random.key(3)
+  mc = pl.glm_predictive(tiny_apply, params, posterior, test_inputs, key, CONTEXT, method="mc",
+                         num_samples=40_000)
+  jvp = pl.glm_predictive(tiny_apply, params, posterior, test_inputs, key, CONTEXT, method="mc",
+                          num_samples=40_000, use_jacobian=False)
+  probit = pl.glm_predictive(tiny_apply, params, posterior, test_inputs, key, CONTEXT, method="probit")
+  # MC error of 4·10⁴ draws: std ≤ 0.5/√(4·10⁴) = 2.5e-3 per entry.
+  np.testing.assert_allclose(np.asarray(mc), truth, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(jvp), truth, atol=1e-2)
+  # The probit is an approximation (not exact): close, and much closer than the MAP softmax where they differ.
+  map_probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
+  np.testing.assert_allclose(np.asarray(probit), truth, atol=0.06)
+  assert np.max(np.abs(map_probs - truth)) > 3 * 0.01, "test data too certain to tell the predictives apart"
+
+
+def test_diagonal_estimator_is_unbiased():
+  params, inputs, _ = tiny_setup()
+  _, _, ggn, _ = brute_force(params, inputs, 1.0)
+  estimate = pl.ggn_diagonal(tiny_apply, params, inputs, jax.random.key(0), CONTEXT, chunk_size=10,
+                             num_label_samples=4000)
+  np.testing.assert_allclose(np.asarray(estimate), np.diag(ggn), rtol=0.06, atol=1e-3)
+
+
+def test_evidence_equals_linear_gaussian_closed_form():
+  rng = np.random.default_rng(0)
+  num, dim, noise, lam = 30, 5, 0.7, 1.3
+  x = rng.normal(size=(num, dim))
+  y = x @ rng.normal(size=dim) + noise * rng.normal(size=num)
+  precision = x.T @ x / noise**2 + lam * np.eye(dim)
+  theta_map = np.linalg.solve(precision, x.T @ y / noise**2)
+  residual = y - x @ theta_map
+  loglik = -0.5 * np.sum(residual**2) / noise**2 - 0.5 * num * np.log(2 * np.pi * noise**2)
+  posterior = pl.posterior_from_ggn(theta_map, x.T @ x / noise**2, prior_precision=lam)
+  evidence = float(pl.log_marginal_likelihood(posterior, loglik))
+  marginal_cov = noise**2 * np.eye(num) + x @ x.T / lam
+  sign, logdet = np.linalg.slogdet(marginal_cov)
+  closed = -0.5 * (y @ np.linalg.solve(marginal_cov, y) + logdet + num * np.log(2 * np.pi))
+  assert sign > 0
+  np.testing.assert_allclose(evidence, closed, rtol=1e-5)
+
+
+def test_fitted_prior_precision_maximises_the_evidence():
+  params, inputs, labels = tiny_setup()
+  for kind in pl.KINDS:
+    posterior, info = pl.fit(tiny_apply, params, inputs, labels, jax.random.key(0), CONTEXT, kind=kind,
+                             num_label_samples=8)
+    grid = np.linspace(np.log(1e-4), np.log(1e4), 4001)
+    values = np.asarray(jax.vmap(lambda t, p=posterior: pl.log_marginal_likelihood(p, 0.0, t))(grid))
+    assert np.all(np.isfinite(values))
+    np.testing.assert_allclose(np.log(info["prior_precision"]), grid[np.argmax(values)], atol=5e-3)
+
+
+def test_bad_inputs_raise():
+  params, inputs, labels = tiny_setup()
+  with pytest.raises(ValueError, match="kind"):
+    pl.fit(tiny_apply, params, inputs, labels, jax.random.key(0), CONTEXT, kind="kfac")
+  with pytest.raises(ValueError, match="labels"):
+    pl.fit(tiny_apply, params, inputs, labels[:3], jax.random.key(0), CONTEXT)
+  with pytest.raises(ValueError, match="prior_precision"):
+    pl.posterior_from_ggn(jnp.zeros(3), jnp.eye(3), prior_precision=0.0)
+  with pytest.raises(ValueError, match="positive semi-definite"):
+    pl.posterior_from_ggn(jnp.zeros(2), -jnp.eye(2))
+  with pytest.raises(ValueError, match="method"):
+    posterior, _ = pl.fit(tiny_apply, params, inputs, labels, jax.random.key(0), CONTEXT, prior_precision=1.0)
+    pl.glm_predictive(tiny_apply, params, posterior, inputs, jax.random.key(0), CONTEXT, method="laplace")
