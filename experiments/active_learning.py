@@ -23,8 +23,9 @@ import os
 import pathlib
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from bayesprompt.errors import UserError
 from experiments import bayesvlm, common, estimate_hessian
 
 FLAGS = flags.FLAGS
@@ -89,20 +90,20 @@ def check_settings(cfg: dict) -> None:
   from bayesprompt.bayes import active
 
   if not cfg["acquisitions"]:
-    raise ValueError("--acquisitions is empty")
+    raise UserError("--acquisitions is empty")
   for a in cfg["acquisitions"]:
     if a not in active.ACQUISITIONS:
-      raise ValueError(f"--acquisitions: unknown {a!r}; expected some of {active.ACQUISITIONS}")
+      raise UserError(f"--acquisitions: unknown {a!r}; expected some of {active.ACQUISITIONS}")
   if not cfg["budgets"] or min(cfg["budgets"]) <= 0:
-    raise ValueError(f"--budgets={cfg['budgets']}; expected positive integers")
+    raise UserError(f"--budgets={cfg['budgets']}; expected positive integers")
   if not cfg["seeds"]:
-    raise ValueError("--seeds is empty")
+    raise UserError("--seeds is empty")
   if not 0 < cfg["target_fraction"] < 1:
-    raise ValueError(f"--target_fraction={cfg['target_fraction']}; expected a fraction in (0, 1)")
+    raise UserError(f"--target_fraction={cfg['target_fraction']}; expected a fraction in (0, 1)")
   if cfg["pool_size"] is not None and cfg["pool_size"] <= 0:
-    raise ValueError(f"--pool_size={cfg['pool_size']}; the pool must not be empty")
+    raise UserError(f"--pool_size={cfg['pool_size']}; the pool must not be empty")
   if cfg["knn_k"] <= 0:
-    raise ValueError(f"--knn_k={cfg['knn_k']}; expected a positive integer")
+    raise UserError(f"--knn_k={cfg['knn_k']}; expected a positive integer")
 
 
 def run(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dict:
@@ -168,7 +169,8 @@ def run(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dict:
           f"nlpd {zero_shot['bayes']['nlpd']:.4f}  ece {zero_shot['bayes']['ece']:.4f}")
 
     writer = ResultsWriter(run_dir, title=f"BayesVLM active learning: {cfg['pool_dataset']} -> "
-                                          f"{cfg['target_dataset']} ({cfg['selection']}, rounds={cfg['rounds']})")
+                                          f"{cfg['target_dataset']} ({cfg['selection']}, rounds={cfg['rounds']})",
+                           row_label="acquisition", average=False)
     curves: dict[str, dict[int, list[dict]]] = {}
     selections = {}
     step = 0
@@ -248,13 +250,10 @@ def curves_markdown(curves: dict, zero_shot: dict, cfg: dict) -> str:
 
 def main(argv):
   del argv
-  from bayesprompt.train.run_dir import timestamp
-
   mesh = common.mesh_from_flags()  # first: jax.distributed must start before anything touches a device
-  run_dir = FLAGS.run_dir or os.path.join("runs", "active_learning", timestamp())
-  out = run(config_from_flags(), run_dir, mesh=mesh)
+  out = run(config_from_flags(), bayesvlm.checked_run_dir("active_learning"), mesh=mesh)
   logging.info("done: %s", json.dumps({"zero_shot": out["zero_shot"]}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

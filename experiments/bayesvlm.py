@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from bayesprompt.errors import UserError
 from experiments import common, estimate_hessian
 
 FLAGS = flags.FLAGS
@@ -38,6 +39,8 @@ flags.DEFINE_integer("max_examples", None, "Evaluate a seeded random subset of t
 flags.DEFINE_string("feature_cache_dir", None, "Cache of image features (default <run_dir>/features).")
 flags.DEFINE_string("label_cache_dir", None, "Cache TFDS label columns here (.npy).")
 flags.DEFINE_string("run_dir", None, "Run directory (default runs/bayesvlm/<time>).")
+flags.DEFINE_bool("overwrite", False, "Delete the run already in --run_dir and start again (without it a "
+                  "directory holding a run is refused).")
 
 RUNLOCAL_EXAMPLES = 64
 
@@ -57,9 +60,9 @@ def parse_prior_precision(value: str | float) -> float | str:
   try:
     lam = float(value)
   except (TypeError, ValueError):
-    raise ValueError(f"--prior_precision={value!r}; expected 'fit', 'stored' or a positive number") from None
+    raise UserError(f"--prior_precision={value!r}; expected 'fit', 'stored' or a positive number") from None
   if not lam > 0 or lam == float("inf"):
-    raise ValueError(f"--prior_precision={value!r}; the prior precision λ must be a finite number > 0")
+    raise UserError(f"--prior_precision={value!r}; the prior precision λ must be a finite number > 0")
   return lam
 
 
@@ -73,7 +76,7 @@ def load_factors(factors_dir: str | os.PathLike) -> tuple[dict, dict]:
   factors, info = laplace.load_factors(directory)
   missing = {"img", "txt"} - set(factors)
   if missing:
-    raise ValueError(f"{directory} has factors {sorted(factors)}; expected 'img' and 'txt'")
+    raise UserError(f"{directory} has factors {sorted(factors)}; expected 'img' and 'txt'")
   return factors, info
 
 
@@ -85,7 +88,7 @@ def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, mode
 
   lam_setting = parse_prior_precision(cfg["prior_precision"])
   if cfg["pseudo_data_count"] <= 0:
-    raise ValueError(f"--pseudo_data_count={cfg['pseudo_data_count']}; expected n > 0")
+    raise UserError(f"--pseudo_data_count={cfg['pseudo_data_count']}; expected n > 0")
   if cfg["factors_dir"]:
     factors, info = load_factors(cfg["factors_dir"])
     stored = info.get("model_fingerprint")
@@ -93,7 +96,7 @@ def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, mode
       logging.warning("--factors_dir=%s has no model fingerprint (written before they were stored): cannot "
                       "check that the factors belong to this checkpoint", cfg["factors_dir"])
     elif model_fingerprint is not None and stored != model_fingerprint:
-      raise ValueError(f"--factors_dir={cfg['factors_dir']} holds factors of another model (weights fingerprint "
+      raise UserError(f"--factors_dir={cfg['factors_dir']} holds factors of another model (weights fingerprint "
                        f"{stored[:12]}, this checkpoint's {model_fingerprint[:12]}); re-run "
                        "experiments.estimate_hessian for this checkpoint")
   else:
@@ -105,7 +108,7 @@ def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, mode
     lam = lam_setting
     if lam == "stored":
       if f"lambda_{tower}" not in info:
-        raise ValueError(f"--prior_precision=stored but the factors' info has no lambda_{tower}: {sorted(info)}")
+        raise UserError(f"--prior_precision=stored but the factors' info has no lambda_{tower}: {sorted(info)}")
       lam = float(info[f"lambda_{tower}"])
       stored_n = info.get(f"n_{tower}")
       if stored_n is not None and float(stored_n) != float(cfg["pseudo_data_count"]):
@@ -168,7 +171,7 @@ def run(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dict:
   from bayesprompt.train.run_dir import RunDir
 
   if not cfg["dataset"]:
-    raise ValueError("--dataset is empty: name at least one registry dataset")
+    raise UserError("--dataset is empty: name at least one registry dataset")
   run_dir = pathlib.Path(run_dir)
   config, params, tokenizer = estimate_hessian.load_model(cfg)
   fingerprint = features_lib.params_fingerprint(params)
@@ -199,14 +202,22 @@ def run(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dict:
   return out
 
 
+def checked_run_dir(name: str) -> pathlib.Path:
+  """--run_dir, runs/<name>/<time> by default, a fresh smoke directory for --runlocal; refused if it holds a
+  run (unless --overwrite)."""
+  from bayesprompt.train import run_dir as run_dir_lib
+
+  run_dir = run_dir_lib.resolve_run_dir(FLAGS.run_dir, runlocal=FLAGS.runlocal, name=name,
+                                        default=os.path.join("runs", name, run_dir_lib.timestamp()))
+  run_dir_lib.check_fresh(run_dir, resume=False, overwrite=FLAGS.overwrite)
+  return run_dir
+
+
 def main(argv):
   del argv
-  from bayesprompt.train.run_dir import timestamp
-
   mesh = common.mesh_from_flags()  # first: jax.distributed must start before anything touches a device
-  run_dir = FLAGS.run_dir or os.path.join("runs", "bayesvlm", timestamp())
-  run(config_from_flags(), run_dir, mesh=mesh)
+  run(config_from_flags(), checked_run_dir("bayesvlm"), mesh=mesh)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

@@ -26,7 +26,7 @@ import os
 import pathlib
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
 
@@ -47,8 +47,10 @@ flags.DEFINE_integer("checkpoint_every", 1, "Class batches between partial-sum c
 flags.DEFINE_float("pseudo_data_count", 10.0, "n, the GGN multiplier the prior precision is fitted at.")
 flags.DEFINE_enum("evidence_mode", "corrected", ["corrected", "faithful"],
                   "Laplace evidence for λ: corrected, or faithful to the official code.")
-flags.DEFINE_string("output_dir", None, "Output directory (default runs/estimate_hessian/<time>).")
-flags.DEFINE_bool("runlocal", False, "Smoke run: a 192-pair generated corpus, tiny batches (seconds).")
+flags.DEFINE_string("output_dir", None, "Output directory (default runs/estimate_hessian/<time>); an "
+                    "interrupted run given the same one resumes from its partial/ sums.")
+flags.DEFINE_bool("runlocal", False, "Smoke run: a 192-pair generated corpus, tiny batches (seconds); writes "
+                  "to a fresh directory under runs/runlocal/, never into --output_dir.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_integer("num_threads", 8, "Image decoding threads.")
 
@@ -61,6 +63,7 @@ def config_from_flags() -> dict:
     "checkpoint", "tokenizer", "captions", "captions_split", "image_key", "caption_key", "data_dir", "num_pairs",
     "class_batch_size", "hessian_batch_size", "hessian_seed", "checkpoint_every", "pseudo_data_count",
     "evidence_mode", "runlocal", "progress", "num_threads")}
+  cfg["progress"] = common.show_progress(cfg["progress"])
   return cfg
 
 
@@ -139,14 +142,15 @@ def run(cfg: dict, output_dir: str | os.PathLike, mesh=None) -> dict:
 
 def main(argv):
   del argv
-  from bayesprompt.train.run_dir import timestamp
+  from bayesprompt.train.run_dir import resolve_run_dir, timestamp
 
   mesh = common.mesh_from_flags()  # first: jax.distributed must start before anything touches a device
-  output_dir = FLAGS.output_dir or os.path.join("runs", "estimate_hessian", timestamp())
+  output_dir = resolve_run_dir(FLAGS.output_dir, runlocal=FLAGS.runlocal, name="estimate_hessian",
+                               default=os.path.join("runs", "estimate_hessian", timestamp()))
   logging.info("estimating KFAC factors -> %s (%s)", output_dir,
                "one device" if mesh is None else f"data-parallel over {dict(mesh.shape)}")
   run(config_from_flags(), output_dir, mesh=mesh)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

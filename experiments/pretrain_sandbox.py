@@ -29,13 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from tqdm import tqdm
 
 from bayesprompt import clip
 from bayesprompt.data.sandbox import builder, evaluate, model, tasks
 from bayesprompt.train import checkpoint as checkpoint_lib
 from bayesprompt.train import run_dir as run_dir_lib
+from experiments import common
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain_sandbox", "Run directory (checkpoints, metrics).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", "", "Where to export the final model; default <workdir>/sandbox_clip.")
@@ -59,10 +60,13 @@ _EVAL_EVERY = flags.DEFINE_integer("eval_every", 500, "Steps between zero-shot e
 _EVAL_SLICE = flags.DEFINE_integer("eval_slice", 640, "Test examples per set for intermediate evaluations.")
 _RESUME = flags.DEFINE_bool("resume", False, "Resume from the latest checkpoint in --workdir.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", 0, "Stop after this step (simulates an interruption; 0: off).")
-_RUNLOCAL = flags.DEFINE_bool("runlocal", False, "Smoke run: tiny corpus and model, a few steps.")
+_RUNLOCAL = flags.DEFINE_bool("runlocal", False, "Smoke run: tiny corpus and model, a few steps; writes to a "
+                              "fresh directory under runs/runlocal/, never into --workdir.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete the run already in --workdir and start again.")
 
 # Flags that may differ between a run and its resumption.
-_RESUME_NEUTRAL = ("resume", "stop_after", "export_dir", "data_dir", "workdir", "log_every", "eval_every")
+_RESUME_NEUTRAL = ("resume", "stop_after", "export_dir", "data_dir", "workdir", "log_every", "eval_every",
+                   "overwrite")
 _SMOKE_COUNTS = {"captions": 192, "colour_shape": 2, "texture_shape": 2, "size_shape": 2}
 
 
@@ -72,7 +76,7 @@ def run_config(overrides: dict | None = None) -> dict:
       "seed", "world_seed", "num_steps", "batch_size", "learning_rate", "warmup_steps", "end_lr_factor",
       "weight_decay", "grad_clip", "vision_patch", "vision_width", "vision_layers", "checkpoint_every",
       "keep_checkpoints", "log_every", "eval_every", "eval_slice", "runlocal", "resume", "stop_after",
-      "workdir", "export_dir", "data_dir")}
+      "workdir", "export_dir", "data_dir", "overwrite")}
   values.update(overrides or {})
   if values["runlocal"]:
     values.update(num_steps=min(values["num_steps"], 6), batch_size=16, warmup_steps=2, checkpoint_every=3,
@@ -182,7 +186,10 @@ def summarize(results: dict) -> dict:
 
 def main(argv):
   del argv
-  run(run_config())
+  cfg = run_config()
+  if cfg["runlocal"]:  # a smoke run never writes into (and so never blocks) the real run's --workdir
+    cfg["workdir"] = str(run_dir_lib.smoke_run_dir("pretrain_sandbox"))
+  run(cfg)
 
 
 def run(cfg: dict) -> dict:
@@ -198,9 +205,7 @@ def run(cfg: dict) -> dict:
   configs = builder_configs(cfg)
   tokenizer = model.tokenizer()
 
-  if not cfg["resume"] and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
-    raise ValueError(f"{workdir}/checkpoints already holds checkpoints: pass --resume to continue that run, "
-                     "or choose a fresh --workdir")
+  run_dir_lib.check_fresh(workdir, resume=cfg["resume"], overwrite=cfg.get("overwrite", False))
   manager = checkpoint_lib.CheckpointManager(
       workdir / "checkpoints", save_interval_steps=cfg["checkpoint_every"], max_to_keep=cfg["keep_checkpoints"],
       config=cfg, ignore_config_keys=_RESUME_NEUTRAL)
@@ -276,4 +281,4 @@ def run(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

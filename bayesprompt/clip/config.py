@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from bayesprompt.errors import UserError
+
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 
 
@@ -167,7 +169,7 @@ def get_config(name: str) -> CLIPConfig:
   try:
     return _NAMED[name]
   except KeyError:
-    raise ValueError(f"unknown config {name!r}; known configs: {', '.join(sorted(_NAMED))}") from None
+    raise UserError(f"unknown config {name!r}; known configs: {', '.join(sorted(_NAMED))}") from None
 
 
 def register_config(name: str, config: CLIPConfig) -> None:
