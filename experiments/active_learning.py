@@ -23,9 +23,8 @@ with the pool split over the devices and factors estimated here run data-paralle
 from __future__ import annotations
 
 import json
-import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import bayesvlm_flags, common
 
@@ -36,13 +35,12 @@ bayesvlm_flags.define_active_flags()
 def main(argv):
   del argv
   from bayesprompt.bayesvlm import active_learning
-  from bayesprompt.train.run_dir import timestamp
 
   mesh = common.mesh_from_flags()  # first: jax.distributed must start before anything touches a device
-  run_dir = FLAGS.run_dir or os.path.join("runs", "active_learning", timestamp())
-  out = active_learning.run_active_learning(bayesvlm_flags.active_config(), run_dir, mesh=mesh)
+  out = active_learning.run_active_learning(bayesvlm_flags.active_config(),
+                                            bayesvlm_flags.checked_run_dir("active_learning"), mesh=mesh)
   logging.info("done: %s", json.dumps({"zero_shot": out["zero_shot"]}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

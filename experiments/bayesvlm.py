@@ -16,9 +16,7 @@ data-parallel (see experiments.estimate_hessian); only process 0 writes files.
 
 from __future__ import annotations
 
-import os
-
-from absl import app, flags
+from absl import flags
 
 from experiments import bayesvlm_flags, common
 
@@ -29,12 +27,10 @@ bayesvlm_flags.define_zeroshot_flags()
 def main(argv):
   del argv
   from bayesprompt.bayesvlm import zeroshot
-  from bayesprompt.train.run_dir import timestamp
 
   mesh = common.mesh_from_flags()  # first: jax.distributed must start before anything touches a device
-  run_dir = FLAGS.run_dir or os.path.join("runs", "bayesvlm", timestamp())
-  zeroshot.run_zero_shot(bayesvlm_flags.zeroshot_config(), run_dir, mesh=mesh)
+  zeroshot.run_zero_shot(bayesvlm_flags.zeroshot_config(), bayesvlm_flags.checked_run_dir("bayesvlm"), mesh=mesh)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

@@ -46,8 +46,9 @@ def define_hessian_flags() -> None:
                     "Laplace evidence for λ: corrected, or faithful to the official code.")
   flags.DEFINE_enum("lambda_solver", "optimum", ["optimum", "official_adam"],
                     "Fitting λ: to the evidence's maximiser, or the official 300-step Adam from λ = 400.")
-  flags.DEFINE_bool("runlocal", False, "Smoke run: a 192-pair generated corpus, tiny batches (seconds).")
-  flags.DEFINE_bool("progress", True, "Show progress bars.")
+  flags.DEFINE_bool("runlocal", False, "Smoke run: a 192-pair generated corpus, tiny batches (seconds); writes "
+                    "to a fresh directory under runs/runlocal/, never into --output_dir / --run_dir.")
+  flags.DEFINE_bool("progress", True, "Show progress bars (only on a terminal: off when output is redirected).")
   flags.DEFINE_integer("num_threads", 8, "Image decoding threads.")
 
 
@@ -71,6 +72,8 @@ def define_zeroshot_flags() -> None:
                     "SigLIP: add logit_bias to the ProbCosine logit mean (false: the official BayesVLM, which "
                     "leaves it out; see DEVIATIONS.md).")
   flags.DEFINE_string("run_dir", None, "Run directory (default runs/<binary>/<time>).")
+  flags.DEFINE_bool("overwrite", False, "Delete the run already in --run_dir and start again (without it a "
+                    "directory holding a run is refused).")
 
 
 def define_active_flags() -> None:
@@ -109,7 +112,9 @@ def define_active_flags() -> None:
 
 def hessian_config() -> dict:
   """The hessian-estimation settings from the flags."""
-  return {name: FLAGS[name].value for name in HESSIAN_KEYS}
+  cfg = {name: FLAGS[name].value for name in HESSIAN_KEYS}
+  cfg["progress"] = common.show_progress(cfg["progress"])
+  return cfg
 
 
 def zeroshot_config() -> dict:
@@ -123,3 +128,16 @@ def active_config() -> dict:
   cfg["seeds"] = [int(s) for s in FLAGS.seeds]
   cfg["budgets"] = [int(b) for b in FLAGS.budgets]
   return cfg
+
+
+def checked_run_dir(name: str):
+  """--run_dir, runs/<name>/<time> by default, a fresh smoke directory for --runlocal; refused if it holds a
+  run (unless --overwrite)."""
+  import os
+
+  from bayesprompt.train import run_dir as run_dir_lib
+
+  run_dir = run_dir_lib.resolve_run_dir(FLAGS.run_dir, runlocal=FLAGS.runlocal, name=name,
+                                        default=os.path.join("runs", name, run_dir_lib.timestamp()))
+  run_dir_lib.check_fresh(run_dir, resume=False, overwrite=FLAGS.overwrite)
+  return run_dir

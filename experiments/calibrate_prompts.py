@@ -14,9 +14,9 @@ Library: bayesprompt.bayesvlm.prompt_posterior.score_runs.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from experiments import bayesvlm_flags
+from experiments import bayesvlm_flags, common
 
 FLAGS = flags.FLAGS
 bayesvlm_flags.define_zeroshot_flags()
@@ -36,10 +36,13 @@ flags.DEFINE_string("scores_dir", None, "Where results and PNGs go (default runs
 def main(argv):
   del argv
   from bayesprompt.bayesvlm import prompt_posterior
-  from bayesprompt.train.run_dir import timestamp
+  from bayesprompt.train import run_dir as run_dir_lib
 
+  scores_dir = run_dir_lib.resolve_run_dir(FLAGS.scores_dir, runlocal=FLAGS.runlocal, name="calibrate_prompts",
+                                           default=f"runs/calibrate_prompts/{run_dir_lib.timestamp()}")
+  run_dir_lib.check_fresh(scores_dir, resume=False, overwrite=FLAGS.overwrite)
   prompt_posterior.score_runs(
-      FLAGS.run_dirs, FLAGS.scores_dir or f"runs/calibrate_prompts/{timestamp()}", FLAGS.posterior,
+      FLAGS.run_dirs, scores_dir, FLAGS.posterior,
       bayesvlm_flags.zeroshot_config(), extra_eval_datasets=FLAGS.extra_eval_datasets,
       max_eval_examples=FLAGS.max_eval_examples, laplace_kind=FLAGS.laplace_kind,
       max_full_params=FLAGS.max_full_params, laplace_predictive=FLAGS.laplace_predictive,
@@ -48,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

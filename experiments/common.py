@@ -1,15 +1,22 @@
-"""Flag definitions and wiring shared by the prompt-learning binaries (no math here: see bayesprompt.train)."""
+"""What every binary shares: `run_binary` (user errors as one line, quiet logs, --helpshort listing the
+binary's flags) and the prompt-learning binaries' flags and run loop (no math here: see bayesprompt.train)."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
+import logging as std_logging
 import pathlib
+import sys
+from collections.abc import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from bayesprompt import prompts
+from bayesprompt.errors import UserError
+from bayesprompt.eval import results as results_lib
 from bayesprompt.eval.results import ResultsWriter
 from bayesprompt.train import prompt_run
 from bayesprompt.train import run_dir as run_dir_lib
@@ -57,11 +64,110 @@ def define_prompt_flags(*, single_variant: bool = True) -> None:
   flags.DEFINE_integer("eval_batch_size", defaults.eval_batch_size, "Evaluation batch size.")
   flags.DEFINE_integer("max_eval_examples", None, "Evaluate a fixed random subset of each test split.")
   flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Matmul compute dtype of the towers.")
-  flags.DEFINE_string("run_dir", None, "Run directory (default: runs/<method>_<objective>_<protocol>_<dataset>).")
-  flags.DEFINE_bool("resume", False, "Continue the runs in --run_dir from their latest checkpoints.")
-  flags.DEFINE_bool("runlocal", False, "Smoke run: 1 seed, 1 epoch, tiny eval subsets (seconds).")
-  flags.DEFINE_bool("progress", True, "Show progress bars.")
+  flags.DEFINE_string("run_dir", None, "Run directory (default: runs/<protocol>_<dataset>_<digest of the "
+                      "configuration>, the same for the same flags, so --resume finds it); it holds one "
+                      "<variant>/seed<N> directory per run and the results table.")
+  flags.DEFINE_bool("resume", False, "Continue the run in --run_dir: finished seeds are read back, started "
+                    "ones continue from their newest intact checkpoint, the others start.")
+  define_run_flags("1 seed, 1 epoch, tiny eval subsets (seconds)")
+  flags.DEFINE_bool("tensorboard", True, "Also write TensorBoard event files (tensorboardX).")
   define_mesh_flags()
+
+
+def define_run_flags(smoke: str) -> None:
+  """--runlocal (`smoke`: what the smoke run shrinks), --overwrite and --progress, which every binary takes."""
+  flags.DEFINE_bool("runlocal", False, f"Smoke run: {smoke}. Writes to a fresh directory under "
+                    f"{run_dir_lib.SMOKE_ROOT}/, never into --run_dir.")
+  flags.DEFINE_bool("overwrite", False, "Delete the run already in the run directory and start again (without "
+                    "it, or --resume, a directory holding a run is refused).")
+  flags.DEFINE_bool("progress", True, "Show progress bars (only on a terminal: off when output is redirected).")
+
+
+def show_progress(requested: bool = True) -> bool:
+  """Progress bars only when asked for and stderr is a terminal: redirected to a file, tqdm's carriage-return
+  updates become thousands of lines."""
+  return bool(requested) and sys.stderr.isatty()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The binary wrapper
+
+
+class _DropMessages(std_logging.Filter):
+  """Drops log records whose format string starts with one of `prefixes` (noise a user cannot act on)."""
+
+  def __init__(self, prefixes: tuple[str, ...]):
+    super().__init__()
+    self._prefixes = prefixes
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self._prefixes)
+
+
+# TFDS warns once per generated sandbox variant folder that has no dataset_info.json yet (it is being built).
+_TFDS_NOISE = ("Variant folder %s has no %s",)
+
+
+def quiet_logs() -> None:
+  """Silences what a user cannot act on: JAX's "Unable to initialize backend 'tpu'" (INFO, on every machine
+  without a TPU), TFDS's "Variant folder ... has no dataset_info.json", and, unless --verbosity is given,
+  absl INFO logs (orbax logs every checkpoint write at INFO: the progress lines and the results table are
+  the console output a user wants; pass --verbosity=0 for the INFO logs)."""
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+  absl_logger = std_logging.getLogger("absl")
+  if not any(isinstance(f, _DropMessages) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropMessages(_TFDS_NOISE))
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def _adopt_binary_flags() -> None:
+  """Makes the flags of every experiments module (experiments.common, a binary the main one builds on)
+  key flags of the main module, so --helpshort lists all of the binary's own flags (--runlocal, --resume,
+  ...) and not only those defined in its file."""
+  main_module = sys.argv[0]
+  for module, module_flags in FLAGS.flags_by_module_dict().items():
+    if module.startswith("experiments.") or "/experiments/" in module.replace("\\", "/"):
+      for flag in module_flags:
+        FLAGS.register_key_flag_for_module(main_module, flag)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag reported as one `error:` line and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    print(f"error: {error} (see --helpshort)", file=sys.stderr)
+    sys.exit(2)
+
+
+def user_errors(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
+  """`main` with UserError (bad input: a path, a name, a flag value, a run directory) and absl flag errors
+  printed as one line `error: <message>` and exit status 2. Any other exception is a programming error and
+  keeps its traceback."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (UserError, flags.Error) as error:
+      message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
+      print(f"error: {message}", file=sys.stderr)
+      sys.exit(2)
+
+  return wrapped
+
+
+def run_binary(main: Callable[[list[str]], object]) -> None:
+  """`app.run(main)` for every binary: --helpshort lists the binary's flags, flag and user errors print one
+  `error:` line and exit 2, logs without the noise of `quiet_logs`."""
+  _adopt_binary_flags()
+
+  def quiet_main(argv):
+    quiet_logs()
+    return main(argv)
+
+  app.run(user_errors(quiet_main), flags_parser=_parse_flags)
 
 
 def define_mesh_flags() -> None:
@@ -92,7 +198,7 @@ def parse_key_values(pairs: list[str], what: str) -> dict:
   out = {}
   for pair in pairs:
     if "=" not in pair:
-      raise ValueError(f"--{what} entries must be key=value, got {pair!r}")
+      raise UserError(f"--{what} entries must be key=value, got {pair!r}")
     key, value = pair.split("=", 1)
     try:
       out[key.strip()] = ast.literal_eval(value)
@@ -127,41 +233,68 @@ def variant_name(method: str, objective: str, objective_kwargs: dict) -> str:
   return f"{method}+{objective}{suffix}"
 
 
+def seeds_from_flags() -> list[int]:
+  """--seeds as ints (--runlocal: the first only); UserError for a non-integer or an empty list."""
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    raise UserError(f"--seeds={','.join(FLAGS.seeds)}; expected comma-separated integers") from None
+  if not seeds:
+    raise UserError("--seeds is empty")
+  return seeds[:1] if FLAGS.runlocal else seeds
+
+
+def variant_dir(root: pathlib.Path, name: str, seed: int) -> pathlib.Path:
+  """<root>/<variant name, path-safe>/seed<seed>: one run's directory (what --eval_only takes)."""
+  return root / name.replace("+", "_").replace(",", "_").replace("=", "-") / f"seed{seed}"
+
+
 def run_variants(variants: list[tuple[str, str, dict]], *, title: str) -> dict:
   """Trains/evaluates every (method, objective, objective kwargs) variant for every seed; writes and prints
-  one results table (mean ± std over seeds) in the run directory."""
+  one results table (mean ± std over seeds) in the run directory.
+
+  The run directory: a fresh smoke directory for --runlocal, else --run_dir, else one named by the digest of
+  the runs' configurations (so --resume without --run_dir finds an interrupted run). Without --resume or
+  --overwrite a directory that already holds any of these runs is refused before anything trains. With
+  --resume finished seeds are read back, started ones continue, the others start: the table equals an
+  uninterrupted run's."""
   mesh = mesh_from_flags()  # first: jax.distributed must start before anything touches a device
-  if not FLAGS["verbosity"].present:
-    # orbax logs every checkpoint write at INFO; the progress bars and the results table are the console
-    # output a user wants (pass --verbosity=0 for the INFO logs).
-    logging.set_verbosity(logging.WARNING)
-  seeds = [int(s) for s in FLAGS.seeds][:1 if FLAGS.runlocal else None]
-  root = pathlib.Path(FLAGS.run_dir or f"runs/{FLAGS.protocol}_{FLAGS.dataset}_{run_dir_lib.timestamp()}")
-  writer = ResultsWriter(root, title=title)
+  seeds = seeds_from_flags()
+  plan = [(variant_name(method, objective, kwargs), seed, base_config(method, objective, kwargs, seed))
+          for method, objective, kwargs in variants for seed in seeds]
+  default = run_dir_lib.default_run_dir(f"{FLAGS.protocol}_{FLAGS.dataset}",
+                                        [cfg.to_json() for _, _, cfg in plan])
+  root = run_dir_lib.resolve_run_dir(FLAGS.run_dir, runlocal=FLAGS.runlocal, default=default,
+                                     name=f"{FLAGS.protocol}_{FLAGS.dataset}")
+  run_dir_lib.check_fresh([root] + [variant_dir(root, name, seed) for name, seed, _ in plan],
+                          resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+  print(f"{len(plan)} runs ({len(variants)} variant(s) x {len(seeds)} seed(s)) -> {root}", flush=True)
+  progress = show_progress(FLAGS.progress)
+  writer = ResultsWriter(root, title=title, row_label="variant", average=False)
   all_results = {}
-  for method, objective, objective_kwargs in variants:
-    name = variant_name(method, objective, objective_kwargs)
-    for seed in seeds:
-      cfg = base_config(method, objective, objective_kwargs, seed)
-      run_dir = root / name.replace("+", "_").replace(",", "_").replace("=", "-") / f"seed{seed}"
-      logging.info("run %s seed %d -> %s", name, seed, run_dir)
-      results = prompt_run.run(cfg, run_dir, resume=FLAGS.resume, progress=FLAGS.progress, mesh=mesh,
-                               verify_images=FLAGS.verify_images)
-      all_results[(name, seed)] = results
-      for split, metrics in results.items():
-        writer.add(name, seed, {k: v for k, v in metrics.items() if k != "num_examples"}, split=split)
+  for index, (name, seed, cfg) in enumerate(plan, start=1):
+    run_dir = variant_dir(root, name, seed)
+    results = prompt_run.finished_results(cfg, run_dir) if FLAGS.resume else None
+    status = "finished earlier: results read back" if results is not None else "training"
+    print(f"[run {index}/{len(plan)}] {name} seed {seed}: {status} ({run_dir})", flush=True)
+    if results is None:
+      results = prompt_run.run(cfg, run_dir, resume=FLAGS.resume, progress=progress, mesh=mesh,
+                               verify_images=FLAGS.verify_images, tensorboard=FLAGS.tensorboard)
+    all_results[(name, seed)] = results
+    for split, metrics in results.items():
+      writer.add(name, seed, {k: v for k, v in metrics.items() if k != "num_examples"}, split=split)
   paths = writer.write()
-  print(accuracy_table(writer.summary(), title))
+  print(accuracy_table(writer.summary(), title, seeds))
   print(f"results: {json.dumps(paths)}")
   return all_results
 
 
-def accuracy_table(summary: list[dict], title: str) -> str:
+def accuracy_table(summary: list[dict], title: str, seeds: list[int]) -> str:
   """The console view of a results summary: accuracy (%) mean ± std per variant and split, one row per
-  variant (results.md beside it has every metric: NLL, ECE, Brier)."""
-  rows = [r for r in summary if r["metric"] == "accuracy" and r["dataset"] != "average"]
-  splits = list(dict.fromkeys(r["split"] for r in rows))
-  splits.sort(key=lambda split: {"base": 0, "new": 1, "hm": 2}.get(split, 3))  # stable: the rest keep order
+  variant, columns in results.md's order, and a note on what ± and HM mean (results.md beside it has every
+  metric: NLL, ECE, Brier)."""
+  rows = [r for r in summary if r["metric"] == "accuracy" and r["dataset"] != results_lib.AVERAGE]
+  splits = [split for split, _ in results_lib.column_order(rows)]
   variants = list(dict.fromkeys(r["dataset"] for r in rows))
   cell = {(r["dataset"], r["split"]): r for r in rows}
   lines = [f"# {title}: accuracy (%)", "", "| variant | " + " | ".join(splits) + " |",
@@ -170,14 +303,21 @@ def accuracy_table(summary: list[dict], title: str) -> str:
     values = []
     for split in splits:
       r = cell.get((variant, split))
-      std = "" if r is None or r["std"] != r["std"] or split == "hm" else f" ± {100 * r['std']:.2f}"
+      std = f" ± {100 * r['std']:.2f}" if r is not None and r["num_seeds"] > 1 else ""
       values.append("" if r is None else f"{100 * r['mean']:.2f}{std}")
     lines.append(f"| {variant} | " + " | ".join(values) + " |")
-  return "\n".join(lines)
+  footnote = results_lib.table_footnote(rows, seeds)
+  return "\n".join(lines + (["", footnote] if footnote else []))
 
 
-def evaluate_run_dir(run_dir: str, *, dataset: str, protocol: str, data_dir: str | None,
+def evaluate_run_dir(run_dir: str | None, *, dataset: str, protocol: str, data_dir: str | None,
                      max_eval_examples: int | None, source: str | None = None) -> dict:
-  """Evaluates a trained run (its latest checkpoint) on another dataset / class list."""
+  """Evaluates a trained run (its latest checkpoint) on another dataset / class list. `run_dir`: one seed's
+  directory, <run_dir>/<variant>/seed<N> (UserError if it is missing or not one). `source`: as
+  `PromptRunConfig.source`."""
+  if not run_dir:
+    raise UserError("--eval_only needs --run_dir: one trained seed's directory, <run_dir>/<variant>/seed<N>, "
+                    "as the training run prints")
   return prompt_run.evaluate_trained(run_dir, dataset=dataset, protocol=protocol, data_dir=data_dir,
-                                     max_eval_examples=max_eval_examples, source=source)
+                                     max_eval_examples=max_eval_examples, progress=show_progress(FLAGS.progress),
+                                     source=source)

@@ -24,26 +24,28 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import bayesvlm_flags, common
 
 FLAGS = flags.FLAGS
 bayesvlm_flags.define_hessian_flags()
-flags.DEFINE_string("output_dir", None, "Output directory (default runs/estimate_hessian/<time>).")
+flags.DEFINE_string("output_dir", None, "Output directory (default runs/estimate_hessian/<time>); an "
+                    "interrupted run given the same one resumes from its partial/ sums.")
 
 
 def main(argv):
   del argv
   from bayesprompt.bayesvlm import factors
-  from bayesprompt.train.run_dir import timestamp
+  from bayesprompt.train.run_dir import resolve_run_dir, timestamp
 
   mesh = common.mesh_from_flags()  # first: jax.distributed must start before anything touches a device
-  output_dir = FLAGS.output_dir or os.path.join("runs", "estimate_hessian", timestamp())
+  output_dir = resolve_run_dir(FLAGS.output_dir, runlocal=FLAGS.runlocal, name="estimate_hessian",
+                               default=os.path.join("runs", "estimate_hessian", timestamp()))
   logging.info("estimating KFAC factors -> %s (%s)", output_dir,
                "one device" if mesh is None else f"data-parallel over {dict(mesh.shape)}")
   factors.run_estimate(bayesvlm_flags.hessian_config(), output_dir, mesh=mesh)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

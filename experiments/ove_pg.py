@@ -13,7 +13,7 @@ results.{md,csv,json} in --run_dir. Objective options (alpha, teacher_weight, nu
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from bayesprompt import prompts
 from experiments import common
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

@@ -16,7 +16,9 @@ model, pass --export_dir=bayesprompt/assets/sandbox_clip.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
+
+from experiments import common
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain_sandbox", "Run directory (checkpoints, metrics).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", "", "Where to export the final model; default <workdir>/sandbox_clip.")
@@ -40,7 +42,9 @@ _EVAL_EVERY = flags.DEFINE_integer("eval_every", 500, "Steps between zero-shot e
 _EVAL_SLICE = flags.DEFINE_integer("eval_slice", 640, "Test examples per set for intermediate evaluations.")
 _RESUME = flags.DEFINE_bool("resume", False, "Resume from the latest checkpoint in --workdir.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", 0, "Stop after this step (simulates an interruption; 0: off).")
-_RUNLOCAL = flags.DEFINE_bool("runlocal", False, "Smoke run: tiny corpus and model, a few steps.")
+_RUNLOCAL = flags.DEFINE_bool("runlocal", False, "Smoke run: tiny corpus and model, a few steps; writes to a "
+                              "fresh directory under runs/runlocal/, never into --workdir.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete the run already in --workdir and start again.")
 
 
 
@@ -52,16 +56,20 @@ def run_config(overrides: dict | None = None) -> dict:
       "seed", "world_seed", "num_steps", "batch_size", "learning_rate", "warmup_steps", "end_lr_factor",
       "weight_decay", "grad_clip", "vision_patch", "vision_width", "vision_layers", "checkpoint_every",
       "keep_checkpoints", "log_every", "eval_every", "eval_slice", "runlocal", "resume", "stop_after",
-      "workdir", "export_dir", "data_dir")}
+      "workdir", "export_dir", "data_dir", "overwrite")}
   return pretrain.resolve_config({**values, **(overrides or {})})
 
 
 def main(argv):
   del argv
   from bayesprompt.train import pretrain
+  from bayesprompt.train import run_dir as run_dir_lib
 
-  pretrain.run(run_config())
+  cfg = run_config()
+  if cfg["runlocal"]:  # a smoke run never writes into (and so never blocks) the real run's --workdir
+    cfg["workdir"] = str(run_dir_lib.smoke_run_dir("pretrain_sandbox"))
+  pretrain.run(cfg)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

@@ -3,7 +3,8 @@ r"""Train and evaluate a prompt learner under one of the field's protocols.
   python -m experiments.prompt_learning --flagfile=experiments/flags/coop_sandbox.flags
   python -m experiments.prompt_learning --method=maple --protocol=base2new --dataset=oxford_pets \
       --checkpoint=/path/to/ViT-B-16 --data_dir=~/tensorflow_datasets --seeds=1,2,3
-  python -m experiments.prompt_learning --eval_only --run_dir=runs/coop/seed1 --dataset=dtd --protocol=fewshot
+  python -m experiments.prompt_learning --eval_only --dataset=dtd --protocol=fewshot \
+      --run_dir=runs/base2new_sandbox_shapes_<digest>/coop_ce/seed1   # one seed's directory, as printed
   python -m experiments.prompt_learning --method=coop --protocol=fewshot --num_shots=16 \
       --dataset=oxford_pets --source=folder --data_dir=$DATA   # CoOp's split files and few-shot images
 
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_prompt_flags()
-flags.DEFINE_bool("eval_only", False, "Evaluate the trained run in --run_dir on --dataset/--protocol (no training).")
+flags.DEFINE_bool("eval_only", False, "Evaluate one trained seed on --dataset/--protocol (no training): --run_dir "
+                  "must be that seed's directory, <run_dir>/<variant>/seed<N>, as the training run prints.")
 
 
 def main(argv):
@@ -37,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

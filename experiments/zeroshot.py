@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from experiments import common
 
 FLAGS = flags.FLAGS
+RUNLOCAL_EXAMPLES = 64
 flags.DEFINE_string(
   "checkpoint", None, "open_clip dir / HF dir / .safetensors / registered name.", required=True
 )
@@ -32,7 +35,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("label_cache_dir", None, "Cache TFDS label columns here (.npy).")
 flags.DEFINE_integer("num_threads", 8, "grain threads that decode and resize images.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+common.define_run_flags(f"{RUNLOCAL_EXAMPLES} test images per split (seconds)")
 flags.DEFINE_string(
   "template", None, "Prompt with one {} for the class name, replacing each dataset's hand-crafted one."
 )
@@ -41,9 +44,15 @@ flags.DEFINE_string(
 def main(argv):
   del argv
   from bayesprompt.eval import zeroshot
+  from bayesprompt.train import run_dir as run_dir_lib
   from bayesprompt.train.run_dir import timestamp
 
-  run_dir = FLAGS.run_dir or os.path.join("runs", "zeroshot", timestamp())
+  run_dir = os.fspath(run_dir_lib.resolve_run_dir(FLAGS.run_dir, runlocal=FLAGS.runlocal, name="zeroshot",
+                                                  default=os.path.join("runs", "zeroshot", timestamp())))
+  run_dir_lib.check_fresh(run_dir, resume=False, overwrite=FLAGS.overwrite)
+  max_examples = FLAGS.max_examples
+  if FLAGS.runlocal:
+    max_examples = min(max_examples or RUNLOCAL_EXAMPLES, RUNLOCAL_EXAMPLES)
   logging.info("zero-shot %s on %s -> %s", FLAGS.checkpoint, FLAGS.dataset, run_dir)
   zeroshot.evaluate_checkpoint(
     FLAGS.checkpoint,
@@ -52,15 +61,15 @@ def main(argv):
     data_dir=FLAGS.data_dir,
     source=FLAGS.source,
     batch_size=FLAGS.batch_size,
-    max_examples=FLAGS.max_examples,
+    max_examples=max_examples,
     run_dir=run_dir,
     tokenizer=FLAGS.tokenizer,
     label_cache_dir=FLAGS.label_cache_dir,
     num_threads=FLAGS.num_threads,
-    progress=FLAGS.progress,
+    progress=common.show_progress(FLAGS.progress),
     template=FLAGS.template,
   )
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

@@ -469,6 +469,6 @@ def test_estimate_hessian_binary_entry_point(tiny, data_dir, tmp_path):
   proc = subprocess.run(
     [sys.executable, "-m", "experiments.estimate_hessian", f"--checkpoint={tiny[0]}", "--runlocal",
      f"--output_dir={tmp_path / 'eh'}", "--pseudo_data_count=-1"],
-    cwd=REPO, capture_output=True, text=True, timeout=120,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "BAYESPROMPT_DATA_DIR": data_dir})
+    cwd=tmp_path, capture_output=True, text=True, timeout=120,  # --runlocal writes under the cwd's runs/
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "BAYESPROMPT_DATA_DIR": data_dir, "PYTHONPATH": str(REPO)})
   assert proc.returncode != 0 and "--pseudo_data_count=-1.0; expected n > 0" in proc.stderr

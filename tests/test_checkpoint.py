@@ -123,3 +123,53 @@ def test_run_dir_appends_on_resume(tmp_path):
     run.write_scalars(2, {"loss": 1.0})
   records = run_dir_lib.read_metrics(tmp_path)
   assert [(r["step"], r["loss"]) for r in records] == [(1, 2.0), (2, 1.0)]
+
+
+def _array_files(item_dir):
+  """The OCDBT data files of an orbax item (d/<hash> and ocdbt.process_*/d/<hash>: the array bytes)."""
+  files = [p for p in item_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files, f"no OCDBT data files under {item_dir}"
+  return files
+
+
+@pytest.mark.parametrize("damage", ["truncated_array_file", "missing_item_folder"])
+def test_broken_latest_step_falls_back_to_the_newest_intact_one(tmp_path, damage, caplog):
+  import shutil
+
+  directory = tmp_path / "ckpt"
+  with checkpoint_lib.CheckpointManager(directory, max_to_keep=3) as manager:
+    for step in (1, 2, 3):
+      manager.save(step, _state(step))
+  if damage == "truncated_array_file":
+    for victim in _array_files(directory / "3" / "default"):
+      victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+  else:
+    shutil.rmtree(directory / "3" / "default")
+  with caplog.at_level("WARNING"), checkpoint_lib.CheckpointManager(directory, max_to_keep=3) as manager:
+    step, restored = manager.restore_latest(_state())
+    assert step == 2
+    _assert_trees_equal(restored, _state(2))
+    assert manager.all_steps() == [1, 2]  # the broken step is gone, so the resumed run can write it again
+    assert manager.save(3, _state(3))
+  assert any("step 3" in r.getMessage() and "broken" in r.getMessage() for r in caplog.records), caplog.text
+  with checkpoint_lib.CheckpointManager(directory, max_to_keep=3) as manager:
+    step, restored = manager.restore_latest(_state())
+  assert step == 3
+  _assert_trees_equal(restored, _state(3))
+
+
+def test_no_intact_step_is_a_one_line_error_naming_the_directory(tmp_path):
+  import shutil
+
+  from bayesprompt.errors import UserError
+
+  directory = tmp_path / "ckpt"
+  with checkpoint_lib.CheckpointManager(directory) as manager:
+    for step in (1, 2):
+      manager.save(step, _state(step))
+  for step in (1, 2):
+    shutil.rmtree(directory / str(step) / "default")
+  with checkpoint_lib.CheckpointManager(directory) as manager, pytest.raises(UserError) as error:
+    manager.restore_latest(_state())
+  message = str(error.value)
+  assert str(directory) in message and "no intact checkpoint" in message and "\n" not in message

@@ -668,10 +668,12 @@ def _check_run(run_dir, root, dataset, splits):
   ],
 )
 def test_binary_trains_coop_from_the_split_files(
-  root, word_checkpoint, tmp_path, binary, dataset, protocol, variant
+  root, word_checkpoint, tmp_path, monkeypatch, binary, dataset, protocol, variant
 ):
-  """`--runlocal` CoOp through the binary on a fake folder dataset: trains and evaluates from its files."""
-  run_root = tmp_path / "runs"
+  """`--runlocal` CoOp through the binary on a fake folder dataset: trains and evaluates from its files
+  (into a fresh smoke directory under the working directory's runs/runlocal, whatever --run_dir says)."""
+  monkeypatch.chdir(tmp_path)
+  run_root = tmp_path / "runs" / "runlocal"
   _run_binary(
     binary,
     [
@@ -687,9 +689,10 @@ def test_binary_trains_coop_from_the_split_files(
       "--batch_size=8",
       "--eval_batch_size=16",
       "--seeds=3",
-      f"--run_dir={run_root}",
+      "--run_dir=runs/real",
       "--noprogress",
     ],
   )
-  (run_dir,) = [p.parent for p in run_root.glob("*/seed3/results.json")]
+  (run_dir,) = [p.parent for p in run_root.glob("*/*/*/seed3/results.json")]
+  assert not (tmp_path / "runs" / "real").exists()
   _check_run(run_dir, root, dataset, {"base", "new"} if protocol == "base2new" else {"all"})

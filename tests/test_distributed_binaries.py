@@ -50,18 +50,26 @@ def save_tiny_clip(root: pathlib.Path) -> str:
 
 def environment(devices: int, data_dir: str) -> dict:
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-              BAYESPROMPT_DATA_DIR=data_dir)
+              BAYESPROMPT_DATA_DIR=data_dir, PYTHONPATH=str(REPO_ROOT))
 
 
-def start(args: list[str], devices: int, data_dir: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, env=environment(devices, data_dir),
+def start(args: list[str], devices: int, data_dir: str, cwd: pathlib.Path = REPO_ROOT) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=environment(devices, data_dir),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def hessian_args(checkpoint: str, output_dir: pathlib.Path, *extra: str) -> list[str]:
+def hessian_args(checkpoint: str, *extra: str) -> list[str]:
+  """estimate_hessian --runlocal (the generated 192-pair corpus); it writes a fresh smoke directory under its
+  working directory's runs/runlocal/estimate_hessian (see `smoke_run`)."""
   return ["experiments.estimate_hessian", f"--checkpoint={checkpoint}", "--runlocal", "--noprogress",
           "--num_threads=2", f"--num_pairs={NUM_PAIRS}", f"--class_batch_size={CLASS_BATCH}",
-          f"--hessian_batch_size={FORWARD_BATCH}", f"--output_dir={output_dir}", *extra]
+          f"--hessian_batch_size={FORWARD_BATCH}", *extra]
+
+
+def smoke_run(cwd: pathlib.Path) -> pathlib.Path:
+  """The one --runlocal directory estimate_hessian wrote when run in `cwd`."""
+  (run_dir,) = (cwd / "runs" / "runlocal" / "estimate_hessian").iterdir()
+  return run_dir
 
 
 def assert_factors_equal(expected_dir: pathlib.Path, got_dir: pathlib.Path) -> None:
@@ -92,11 +100,14 @@ def hessian_runs(tmp_path_factory):
   data_dir = str(root / "data")
   checkpoint = save_tiny_clip(root / "tiny")
   # The 1-device run generates the smoke corpus first (two processes must not generate it at once).
-  one = start(hessian_args(checkpoint, root / "one", "--mesh_data=1"), 4, data_dir)
+  for name in ("one", "four"):
+    (root / name).mkdir()
+  one = start(hessian_args(checkpoint, "--mesh_data=1"), 4, data_dir, cwd=root / "one")
   wait(one)
-  four = start(hessian_args(checkpoint, root / "four"), 4, data_dir)
+  four = start(hessian_args(checkpoint), 4, data_dir, cwd=root / "four")
   wait(four)
-  return {"root": root, "checkpoint": checkpoint, "data_dir": data_dir, "one": root / "one", "four": root / "four"}
+  return {"root": root, "checkpoint": checkpoint, "data_dir": data_dir, "one": smoke_run(root / "one"),
+          "four": smoke_run(root / "four")}
 
 
 def test_estimate_hessian_on_four_devices_equals_one_device(hessian_runs):
@@ -132,11 +143,13 @@ def test_estimate_hessian_two_processes_on_loopback_equals_one_device(hessian_ru
   import portpicker
 
   port = portpicker.pick_unused_port()
-  out = hessian_runs["root"] / "two_processes"
-  processes = [start(hessian_args(hessian_runs["checkpoint"], out, f"--coordinator_address=127.0.0.1:{port}",
-                                  "--num_processes=2", f"--process_id={i}"), 2, hessian_runs["data_dir"])
+  cwd = hessian_runs["root"] / "two_processes"
+  cwd.mkdir()
+  processes = [start(hessian_args(hessian_runs["checkpoint"], f"--coordinator_address=127.0.0.1:{port}",
+                                  "--num_processes=2", f"--process_id={i}"), 2, hessian_runs["data_dir"], cwd=cwd)
                for i in range(2)]
   outputs = [wait(p) for p in processes]
+  out = smoke_run(cwd)
   assert all("4 devices, 2 process(es)" in o for o in outputs), outputs[0][-2000:]
   assert devices_used(out) == 4
   assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # process 0 alone wrote its record

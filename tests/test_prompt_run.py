@@ -15,6 +15,8 @@ Data: sandbox_shapes base-to-new (generated once into ~/.cache/bayesprompt), 2 s
 
 import dataclasses
 import json
+import pathlib
+import shutil
 
 import chex
 import jax
@@ -24,6 +26,7 @@ import pytest
 
 import bayesprompt.clip as clip
 from bayesprompt.data.sandbox import model as sandbox_model
+from bayesprompt.errors import UserError
 from bayesprompt.objectives import make_objective
 from bayesprompt.prompts import make_learner
 from bayesprompt.train import optim, prompt_run, prompt_trainer
@@ -134,13 +137,28 @@ def test_resumed_run_equals_the_uninterrupted_run_bitwise(cfg, uninterrupted, tm
   assert json.loads((run_dir / "results.json").read_text())["results"] == results_u
 
 
-def test_resume_from_a_directory_of_another_config_is_refused(cfg, uninterrupted):
+def test_resume_from_a_directory_of_another_config_is_refused(cfg, uninterrupted, tmp_path):
   run_dir, _ = uninterrupted
   other = dataclasses.replace(cfg, lr=0.01, epochs=3)
-  with pytest.raises(ValueError, match=r"cannot resume .*\n  epochs: stored 2, now 3\n  lr: stored 0.05, now 0.01"):
+  with pytest.raises(UserError, match=r"cannot resume .*epochs: stored 2, now 3; lr: stored 0.05, now 0.01"):
     prompt_run.run(other, run_dir, resume=True, progress=False)
-  with pytest.raises(ValueError, match="has no checkpoints/ directory to resume from"):
-    prompt_run.run(cfg, run_dir / "nowhere", resume=True, progress=False)
+  # An unfinished run of another config: refused by the checkpoint's stored config.
+  partial = tmp_path / "partial"
+  shutil.copytree(run_dir, partial)
+  (partial / "results.json").unlink()
+  with pytest.raises(UserError, match=r"cannot resume .*epochs: stored 2, now 3; lr: stored 0.05, now 0.01"):
+    prompt_run.run(other, partial, resume=True, progress=False)
+
+
+def test_rerun_without_resume_is_refused_and_a_finished_run_is_read_back(cfg, uninterrupted, monkeypatch):
+  run_dir, results = uninterrupted
+  metrics = (run_dir / "metrics.jsonl").read_text()
+  with pytest.raises(UserError, match="already holds a run.*--resume.*--overwrite"):
+    prompt_run.run(cfg, run_dir, progress=False)
+  calls = counting_train_steps(monkeypatch)
+  assert prompt_run.run(cfg, run_dir, resume=True, progress=False) == results
+  assert not calls  # read back, not retrained
+  assert (run_dir / "metrics.jsonl").read_text() == metrics  # never a second run's metrics in the file
 
 
 def test_evaluate_trained_on_the_same_and_on_other_classes(cfg, uninterrupted):
@@ -263,15 +281,19 @@ def run_binary(module_name: str, *argv: str) -> None:
       flags.FLAGS.unparse_flags()
 
 
-def test_prompt_learning_binary_runlocal_then_eval_only(tiny_checkpoint, tmp_path, capsys):
+def test_prompt_learning_binary_runlocal_then_eval_only(tiny_checkpoint, tmp_path, capsys, monkeypatch):
   """The default tier's `experiments.prompt_learning --runlocal` (in process: no interpreter start-up), then
-  `--eval_only` on the run directory it wrote, which must reproduce the run's own test metrics."""
-  root = tmp_path / "runs"
+  `--eval_only` on the run directory it wrote, which must reproduce the run's own test metrics. The smoke run
+  goes to a fresh directory under runs/runlocal (named on its first output line), never into --run_dir."""
+  monkeypatch.chdir(tmp_path)
   run_binary("experiments.prompt_learning", "--runlocal", "--method=coop", "--hparams=n_ctx=2",
              f"--checkpoint={tiny_checkpoint}", "--dataset=sandbox_shapes", "--protocol=base2new", "--num_shots=1",
              "--batch_size=8", "--seeds=5,6", "--eval_batch_size=16", "--max_eval_examples=16",
-             f"--run_dir={root}", "--noprogress")
-  assert "| coop+ce |" in capsys.readouterr().out
+             "--run_dir=runs/real", "--noprogress")
+  out = capsys.readouterr().out
+  assert "| coop+ce |" in out
+  root = tmp_path / out.splitlines()[0].split(" -> ")[1]
+  assert root.is_relative_to(tmp_path / "runs" / "runlocal") and not (tmp_path / "runs" / "real").exists()
   run_dir = root / "coop_ce" / "seed5"
   assert not (root / "coop_ce" / "seed6").exists()  # --runlocal: one seed
   stored = json.loads((run_dir / "results.json").read_text())
@@ -283,22 +305,24 @@ def test_prompt_learning_binary_runlocal_then_eval_only(tiny_checkpoint, tmp_pat
   assert json.loads(out[out.index("{"):]) == stored["results"]
 
 
-def test_ove_pg_binary_runlocal_and_its_flags(tiny_checkpoint, tmp_path, capsys):
+def test_ove_pg_binary_runlocal_and_its_flags(tiny_checkpoint, tmp_path, capsys, monkeypatch):
   """`experiments.ove_pg --runlocal` (the README's main job) writes one table row per variant, and does not
   define --method / --objective, which it would ignore (its variants come from --methods / --ove_modes)."""
   from absl import flags
 
   from tests.conftest import binary_module
 
-  root = tmp_path / "ove"
+  monkeypatch.chdir(tmp_path)
   run_binary("experiments.ove_pg", "--runlocal", "--methods=coop", "--hparams=n_ctx=2", "--ove_modes=corrected",
              "--nowith_ce", f"--checkpoint={tiny_checkpoint}", "--dataset=sandbox_shapes", "--protocol=base2new",
              "--num_shots=1", "--batch_size=8", "--eval_batch_size=16", "--max_eval_examples=16",
-             f"--run_dir={root}", "--noprogress")
+             "--run_dir=runs/ove", "--noprogress")
+  out = capsys.readouterr().out
+  root = tmp_path / out.splitlines()[0].split(" -> ")[1]
   table = json.loads((root / "results.json").read_text())
   variants = {r["dataset"] for r in table["summary"]} - {"average"}
   assert variants == {"coop+ove_pg,mode=corrected"}, variants
-  assert "| coop+ove_pg,mode=corrected |" in capsys.readouterr().out
+  assert "| coop+ove_pg,mode=corrected |" in out
   stored = json.loads(next(root.glob("*/seed*/results.json")).read_text())
   assert stored["config"]["objective"] == "ove_pg" and stored["config"]["objective_kwargs"] == {"mode": "corrected"}
   assert all(np.isfinite(m["nll"]) for m in stored["results"].values())
@@ -314,18 +338,20 @@ def test_binary_trains_and_evaluates_a_run_directory(tiny_checkpoint, tmp_path):
   import sys
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_PLATFORMS="cpu", PYTHONPATH=repo)
 
   def binary(*flags):
     proc = subprocess.run([sys.executable, "-m", "experiments.prompt_learning", *flags, "--progress=false"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
-  root = tmp_path / "runs"
   out = binary("--runlocal", "--method=coop", "--hparams=n_ctx=4", f"--checkpoint={tiny_checkpoint}",
                "--dataset=sandbox_shapes", "--protocol=base2new", "--num_shots=1", "--batch_size=8", "--seeds=5,6",
-               "--eval_batch_size=16", "--max_eval_examples=16", f"--run_dir={root}")
+               "--eval_batch_size=16", "--max_eval_examples=16", "--run_dir=runs/real")
+  # --runlocal: a fresh smoke directory (named on the first line), never --run_dir.
+  root = pathlib.Path(tmp_path / out.splitlines()[0].split(" -> ")[1])
+  assert root.is_relative_to(tmp_path / "runs" / "runlocal") and not (tmp_path / "runs" / "real").exists()
   table = json.loads((root / "results.json").read_text())
   assert "| coop+ce |" in out and (root / "results.md").exists()
   run_dir = root / "coop_ce" / "seed5"

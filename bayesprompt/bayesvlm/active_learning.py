@@ -26,6 +26,7 @@ from bayesprompt.bayesvlm import factors as factors_lib
 from bayesprompt.bayesvlm import features as features_lib
 from bayesprompt.data import pool as pool_lib
 from bayesprompt.data import protocols, sources
+from bayesprompt.errors import UserError
 from bayesprompt.eval import plots
 from bayesprompt.eval.results import ResultsWriter
 from bayesprompt.train.run_dir import RunDir
@@ -71,20 +72,20 @@ def build_pool(cfg, target_classnames, config, params, feature_dir, fingerprint)
 def check_settings(cfg: dict) -> None:
   """Bad flag combinations raise before any work (ValueError naming the flag)."""
   if not cfg["acquisitions"]:
-    raise ValueError("--acquisitions is empty")
+    raise UserError("--acquisitions is empty")
   for a in cfg["acquisitions"]:
     if a not in active.ACQUISITIONS:
-      raise ValueError(f"--acquisitions: unknown {a!r}; expected some of {active.ACQUISITIONS}")
+      raise UserError(f"--acquisitions: unknown {a!r}; expected some of {active.ACQUISITIONS}")
   if not cfg["budgets"] or min(cfg["budgets"]) <= 0:
-    raise ValueError(f"--budgets={cfg['budgets']}; expected positive integers")
+    raise UserError(f"--budgets={cfg['budgets']}; expected positive integers")
   if not cfg["seeds"]:
-    raise ValueError("--seeds is empty")
+    raise UserError("--seeds is empty")
   if not 0 < cfg["target_fraction"] < 1:
-    raise ValueError(f"--target_fraction={cfg['target_fraction']}; expected a fraction in (0, 1)")
+    raise UserError(f"--target_fraction={cfg['target_fraction']}; expected a fraction in (0, 1)")
   if cfg["pool_size"] is not None and cfg["pool_size"] <= 0:
-    raise ValueError(f"--pool_size={cfg['pool_size']}; the pool must not be empty")
+    raise UserError(f"--pool_size={cfg['pool_size']}; the pool must not be empty")
   if cfg["knn_k"] <= 0:
-    raise ValueError(f"--knn_k={cfg['knn_k']}; expected a positive integer")
+    raise UserError(f"--knn_k={cfg['knn_k']}; expected a positive integer")
 
 
 def run_active_learning(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dict:
@@ -118,9 +119,9 @@ def run_active_learning(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dic
           f"classes):\n{composition}")
     max_budget = max(cfg["budgets"])
     if max_budget > len(pool["labels"]):
-      raise ValueError(f"--budgets up to {max_budget} but the pool has only {len(pool['labels'])} images")
+      raise UserError(f"--budgets up to {max_budget} but the pool has only {len(pool['labels'])} images")
     if cfg["selection"] == "targeted" and cfg["knn_k"] > len(pool["labels"]):
-      raise ValueError(f"--knn_k={cfg['knn_k']} is larger than the pool ({len(pool['labels'])} images)")
+      raise UserError(f"--knn_k={cfg['knn_k']} is larger than the pool ({len(pool['labels'])} images)")
     perm = np.random.default_rng(0).permutation(len(target_all["labels"]))
     num_targets = int(round(cfg["target_fraction"] * len(perm)))
     if not 0 < num_targets < len(perm):

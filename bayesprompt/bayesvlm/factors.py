@@ -18,6 +18,7 @@ from absl import logging
 from bayesprompt import clip
 from bayesprompt.bayes import laplace
 from bayesprompt.bayesvlm import hessian, vlm
+from bayesprompt.errors import UserError
 from bayesprompt.train.run_dir import RunDir
 
 RUNLOCAL_PAIRS = 192
@@ -40,7 +41,7 @@ def estimate(cfg: dict, config, params, tokenizer, output_dir: str | os.PathLike
   Returns ({"img", "txt"}: KFACFactors, info with lambda_img, lambda_txt, n_img, n_txt).
   """
   if cfg["pseudo_data_count"] <= 0:
-    raise ValueError(f"--pseudo_data_count={cfg['pseudo_data_count']}; expected n > 0")
+    raise UserError(f"--pseudo_data_count={cfg['pseudo_data_count']}; expected n > 0")
   output_dir = pathlib.Path(output_dir)
   sandbox_count = RUNLOCAL_PAIRS if cfg["runlocal"] and cfg["captions"].startswith("sandbox_world") else None
   pairs = hessian.open_caption_pairs(cfg["captions"], cfg["captions_split"], data_dir=cfg["data_dir"],
@@ -94,9 +95,9 @@ def parse_prior_precision(value: str | float) -> float | str:
   try:
     lam = float(value)
   except (TypeError, ValueError):
-    raise ValueError(f"--prior_precision={value!r}; expected 'fit', 'stored' or a positive number") from None
+    raise UserError(f"--prior_precision={value!r}; expected 'fit', 'stored' or a positive number") from None
   if not lam > 0 or lam == float("inf"):
-    raise ValueError(f"--prior_precision={value!r}; the prior precision λ must be a finite number > 0")
+    raise UserError(f"--prior_precision={value!r}; the prior precision λ must be a finite number > 0")
   return lam
 
 
@@ -108,7 +109,7 @@ def load_factors(factors_dir: str | os.PathLike) -> tuple[dict, dict]:
   factors, info = laplace.load_factors(directory)
   missing = {"img", "txt"} - set(factors)
   if missing:
-    raise ValueError(f"{directory} has factors {sorted(factors)}; expected 'img' and 'txt'")
+    raise UserError(f"{directory} has factors {sorted(factors)}; expected 'img' and 'txt'")
   return factors, info
 
 
@@ -118,7 +119,7 @@ def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, mode
   --factors_dir or estimated now (data-parallel over `mesh` if given)."""
   lam_setting = parse_prior_precision(cfg["prior_precision"])
   if cfg["pseudo_data_count"] <= 0:
-    raise ValueError(f"--pseudo_data_count={cfg['pseudo_data_count']}; expected n > 0")
+    raise UserError(f"--pseudo_data_count={cfg['pseudo_data_count']}; expected n > 0")
   if cfg["factors_dir"]:
     factors, info = load_factors(cfg["factors_dir"])
     stored = info.get("model_fingerprint")
@@ -126,7 +127,7 @@ def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, mode
       logging.warning("--factors_dir=%s has no model fingerprint (written before they were stored): cannot "
                       "check that the factors belong to this checkpoint", cfg["factors_dir"])
     elif model_fingerprint is not None and stored != model_fingerprint:
-      raise ValueError(f"--factors_dir={cfg['factors_dir']} holds factors of another model (weights fingerprint "
+      raise UserError(f"--factors_dir={cfg['factors_dir']} holds factors of another model (weights fingerprint "
                        f"{stored[:12]}, this checkpoint's {model_fingerprint[:12]}); re-run "
                        "experiments.estimate_hessian for this checkpoint")
   else:
@@ -138,7 +139,7 @@ def posteriors(cfg: dict, config, params, tokenizer, run_dir: pathlib.Path, mode
     lam = lam_setting
     if lam == "stored":
       if f"lambda_{tower}" not in info:
-        raise ValueError(f"--prior_precision=stored but the factors' info has no lambda_{tower}: {sorted(info)}")
+        raise UserError(f"--prior_precision=stored but the factors' info has no lambda_{tower}: {sorted(info)}")
       lam = float(info[f"lambda_{tower}"])
       stored_n = info.get(f"n_{tower}")
       if stored_n is not None and float(stored_n) != float(cfg["pseudo_data_count"]):

@@ -37,6 +37,7 @@ from bayesprompt.bayesvlm import features as features_lib
 from bayesprompt.bayesvlm import vlm
 from bayesprompt.data import pipeline, protocols
 from bayesprompt.data.sources import LabeledSplit
+from bayesprompt.errors import UserError
 from bayesprompt.eval import metrics as metrics_lib
 from bayesprompt.prompts import engine
 from bayesprompt.train import prompt_run
@@ -103,7 +104,7 @@ def learner_text_features(learner, params, clip_params, class_state: engine.Clas
     eps = jax.random.normal(key, (num_samples, *mean.shape), jnp.float32)
     ctx = params["ctx"] + (mean + jnp.exp(0.5 * log_var) * eps)[:, None, :]  # [S, n, W]
   else:
-    raise ValueError(f"--posterior=bayesvlm supports coop, vpt (coop conditioning) and vamp; {method!r} "
+    raise UserError(f"--posterior=bayesvlm supports coop, vpt (coop conditioning) and vamp; {method!r} "
                      "(image-conditioned or deep prompts) has no class prompts shared by all images")
   if getattr(learner, "class_specific", False):
     prompts = jax.vmap(lambda c: engine.build_prompts(class_state, c, class_specific=True))(ctx)
@@ -171,7 +172,7 @@ class PosteriorScorer:
       raise ValueError(f"laplace_predictive={self.laplace_predictive!r}; expected one of "
                        f"{prompt_laplace.PREDICTIVES}")
     if "bayesvlm" in self.posteriors and not self.bayesvlm_posteriors:
-      raise ValueError("posterior 'bayesvlm' needs the projection posteriors (KFAC factors: --factors_dir)")
+      raise UserError("posterior 'bayesvlm' needs the projection posteriors (KFAC factors: --factors_dir)")
     learner = self.run.learner
     self.on_features = not learner.touches_image_tower
     base = _on_features(learner) if self.on_features else learner

@@ -15,6 +15,7 @@ import numpy as np
 from bayesprompt.bayesvlm import factors, vlm
 from bayesprompt.bayesvlm import features as features_lib
 from bayesprompt.data import protocols, sources
+from bayesprompt.errors import UserError
 from bayesprompt.eval import plots
 from bayesprompt.eval.results import ResultsWriter
 from bayesprompt.train.run_dir import RunDir, is_primary_process
@@ -60,7 +61,7 @@ def run_zero_shot(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dict:
   """The BayesVLM zero-shot experiment; returns {dataset: {"map": metrics, "bayesvlm": metrics}}. `mesh`: estimate factors
   data-parallel (when there is no --factors_dir)."""
   if not cfg["dataset"]:
-    raise ValueError("--dataset is empty: name at least one registry dataset")
+    raise UserError("--dataset is empty: name at least one registry dataset")
   run_dir = pathlib.Path(run_dir)
   config, params, tokenizer = factors.load_model(cfg)
   fingerprint = features_lib.params_fingerprint(params)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayesprompt.clip.config import CLIPConfig, TextConfig, VisionConfig
+from bayesprompt.errors import UserError, UserFileNotFoundError
 
 Params = dict[str, Any]
 
@@ -47,7 +48,7 @@ _IGNORED_KEYS = re.compile(r"(^|\.)(attn_mask|position_ids|input_resolution|cont
 _NAMED_CHECKPOINTS: dict[str, Callable[[], pathlib.Path]] = {}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint could not be loaded; the message names the file, key or shape at fault."""
 
 
@@ -517,7 +518,7 @@ def load_checkpoint(path: str | os.PathLike, *, quick_gelu: bool | None = None,
     known = f"; registered names: {', '.join(sorted(_NAMED_CHECKPOINTS)) or 'none'}"
     if str(path) == "sandbox":  # the one name the project ships: say who registers it
       known += " (the sandbox CLIP is registered by `import bayesprompt.data`)"
-    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist{known}")
+    raise UserFileNotFoundError(f"checkpoint {str(path)!r} does not exist{known}")
   source = str(path)
   if path.is_dir():
     if (path / OPEN_CLIP_CONFIG).exists():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from bayesprompt.errors import UserError
+
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 
 
@@ -168,7 +170,7 @@ def get_config(name: str) -> CLIPConfig:
     return _NAMED[name]
   except KeyError:
     hint = " (the sandbox config is registered by `import bayesprompt.data`)" if name == "sandbox" else ""
-    raise ValueError(f"unknown config {name!r}; known configs: {', '.join(sorted(_NAMED))}{hint}") from None
+    raise UserError(f"unknown config {name!r}; known configs: {', '.join(sorted(_NAMED))}{hint}") from None
 
 
 def register_config(name: str, config: CLIPConfig) -> None:

@@ -326,7 +326,8 @@ def _check_token_ids(token_ids, config: CLIPConfig) -> None:
   if token_ids.ndim != 2:
     raise ValueError(f"token ids must be [M, context_length], got shape {tuple(token_ids.shape)}")
   if token_ids.shape[1] > t.context_length:
-    raise ValueError(f"token ids have length {token_ids.shape[1]} > context length {t.context_length}")
+    raise ValueError(f"token ids have length {token_ids.shape[1]} > context length {t.context_length}: tokenize "
+                     "with the model's own tokenizer, clip.get_tokenizer(config)")
   if not jnp.issubdtype(token_ids.dtype, jnp.integer):
     raise TypeError(f"token ids must be integers, got dtype {token_ids.dtype}")
   if not isinstance(token_ids, jax.core.Tracer) and token_ids.size:
@@ -335,7 +336,7 @@ def _check_token_ids(token_ids, config: CLIPConfig) -> None:
     if low < 0 or high >= t.vocab_size:
       bad = low if low < 0 else high
       raise ValueError(f"token id {bad} out of range [0, {t.vocab_size}) for this model's vocabulary; "
-                       "was the text tokenized with the model's own tokenizer?")
+                       "tokenize with the model's own tokenizer, clip.get_tokenizer(config)")
 
 
 def text_tower(params: Params, token_ids: jax.Array, *, config: CLIPConfig,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from bayesprompt.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Carve:
@@ -116,7 +118,7 @@ def get_dataset(name: str) -> DatasetSpec:
   try:
     return _REGISTRY[name]
   except KeyError:
-    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_REGISTRY))}") from None
+    raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def dataset_names() -> list[str]:

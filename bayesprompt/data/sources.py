@@ -39,6 +39,7 @@ from bayesprompt.data.registry import (
   resolve_classnames,
   resolve_label_subset,
 )
+from bayesprompt.errors import UserError
 
 BENCHMARK_SPLITS = ("train", "val", "test")  # the splits of a Dassl split file, in its order
 SOURCES = ("tfds", "folder")
@@ -189,7 +190,7 @@ def open_split(
     raise ValueError(f"dataset {spec.name!r} has no split {split!r}; its splits are {sorted(spec.splits)}")
   source = spec.source if source is None else source
   if source not in SOURCES:
-    raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    raise UserError(f"unknown source {source!r}; expected one of {SOURCES}")
   if source == "tfds":
     if spec.tfds_name is None:
       raise ValueError(f"dataset {spec.name!r} is not in TFDS; read it with source='folder' (Dassl layout)")

@@ -42,15 +42,48 @@ def _is_primary_process() -> bool:
   return jax.process_index() == 0
 
 
+def column_order(rows: list[dict]) -> list[tuple[str, str]]:
+  """The (split, metric) columns of summary rows in table order: accuracy first, then metrics by name;
+  within a metric base, new, hm, then the other splits by name (the console and markdown tables agree)."""
+  split_order = {"base": 0, "new": 1, HM_SPLIT: 2}
+  return sorted(
+    dict.fromkeys((r["split"], r["metric"]) for r in rows),
+    key=lambda c: (c[1] not in _ACCURACY_METRICS, c[1], split_order.get(c[0], 3), c[0]),
+  )
+
+
+def table_footnote(rows: list[dict], seeds: list[int]) -> str:
+  """What ±, HM and "average" mean in a table of summary `rows` — only the ones the table has."""
+  parts = []
+  own = [r for r in rows if r["dataset"] != AVERAGE]
+  if any(r["num_seeds"] > 1 for r in own):
+    parts.append(f"Mean ± sample std (ddof=1) over {len(seeds)} seeds {seeds}.")
+  if any(r["split"] == HM_SPLIT for r in own):
+    parts.append("HM = harmonic mean of the mean base and the mean new accuracy (the std beside it: of the "
+                 "per-seed HMs).")
+  average = [r for r in rows if r["dataset"] == AVERAGE]
+  if average:
+    hm = any(r["split"] == HM_SPLIT for r in average)
+    parts.append("The average row: mean over datasets" +
+                 ("; its HM = HM of the averaged base and new accuracies." if hm else "."))
+  return " ".join(parts)
+
+
 class ResultsWriter:
   """Collects per-seed metrics and writes results.{md,csv,json} into `run_dir`."""
 
-  def __init__(self, run_dir: str | os.PathLike, title: str = "Results", *, write: bool | None = None):
+  def __init__(self, run_dir: str | os.PathLike, title: str = "Results", *, write: bool | None = None,
+               row_label: str = "dataset", average: bool = True):
     """`write`: whether `write()` writes files (default: only on JAX process 0; the others return the paths
-    without touching the file system)."""
+    without touching the file system). `row_label`: the markdown header of the row column (what the rows
+    are: "dataset", or "variant" when rows are methods on one dataset). `average`: add the "average" row
+    over rows (meaningful across datasets; off when rows are variants: averaging CE with OVE-PG means
+    nothing)."""
     self.run_dir = os.fspath(run_dir)
     self.title = title
     self._write = write
+    self.row_label = row_label
+    self._average = average
     self._rows: dict[tuple[str, str, int], dict[str, float]] = {}
 
   def add(self, dataset: str, seed: int, metrics: Mapping[str, float], split: str = "all") -> None:
@@ -90,7 +123,8 @@ class ResultsWriter:
         dict(dataset=dataset, split=split, metric=metric, mean=mean, std=std, num_seeds=len(by_seed))
       )
     rows.extend(self._hm_rows(per_key))
-    rows.extend(self._average_rows(rows))
+    if self._average:
+      rows.extend(self._average_rows(rows))
     return rows
 
   @staticmethod
@@ -155,11 +189,7 @@ class ResultsWriter:
     rows = self.summary()
     if not rows:
       return f"# {self.title}\n\n(no results)\n"
-    split_order = {"base": 0, "new": 1, HM_SPLIT: 2}
-    columns = sorted(
-      dict.fromkeys((r["split"], r["metric"]) for r in rows),
-      key=lambda c: (c[1] not in _ACCURACY_METRICS, c[1], split_order.get(c[0], 3), c[0]),
-    )
+    columns = column_order(rows)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     cell = {(r["dataset"], r["split"], r["metric"]): r for r in rows}
 
@@ -172,19 +202,14 @@ class ResultsWriter:
         text += f" ± {r['std'] * scale:.{digits}f}"
       return text
 
-    header = ["dataset"] + [
+    header = [self.row_label] + [
       f"{split} {metric}" + (" (%)" if metric in _ACCURACY_METRICS else "") for split, metric in columns
     ]
     lines = [f"# {self.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for dataset in datasets:
       lines.append("| " + " | ".join([dataset] + [fmt(cell.get((dataset, s, m))) for s, m in columns]) + " |")
-    seeds = sorted({seed for _, _, seed in self._rows})
-    lines += [
-      "",
-      f"Mean ± sample std over seeds {seeds}. Base-to-new HM = HM of the mean base and mean new "
-      "accuracy; the average row's HM = HM of the averaged base and new accuracies.",
-      "",
-    ]
+    footer = table_footnote(rows, sorted({seed for _, _, seed in self._rows}))
+    lines += ["", footer, ""] if footer else [""]
     return "\n".join(lines)
 
   def to_json(self) -> dict:

@@ -20,6 +20,7 @@ from bayesprompt import clip
 from bayesprompt.data import pipeline, protocols
 from bayesprompt.data.protocols import evaluation_subset, render_prompts
 from bayesprompt.data.sources import LabeledSplit
+from bayesprompt.errors import UserError
 from bayesprompt.eval import metrics as metrics_lib
 from bayesprompt.eval import results as results_lib
 
@@ -145,7 +146,7 @@ def evaluate_checkpoint(
   """
   if template is not None and (template.count("{}") != 1 or template.replace("{}", "").count("{")
                                or template.replace("{}", "").count("}")):
-    raise ValueError(f"--template must contain exactly one '{{}}' for the class name and no other braces, "
+    raise UserError(f"--template must contain exactly one '{{}}' for the class name and no other braces, "
                      f"got {template!r}")
   config, params = clip.load_checkpoint(checkpoint)
   tok = clip.get_tokenizer(tokenizer if tokenizer is not None else config)

@@ -7,6 +7,7 @@ zero-shot CLIP logits).
 
 from __future__ import annotations
 
+from bayesprompt.errors import UserError
 from bayesprompt.objectives.ce import CrossEntropy
 
 OBJECTIVES = ("ce", "ove_pg")
@@ -20,4 +21,4 @@ def make_objective(name: str, **kwargs):
     from bayesprompt.objectives.ove_pg import OvePG
 
     return OvePG(**kwargs)
-  raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
+  raise UserError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 import bayesprompt.clip as clip
+from bayesprompt.errors import UserError, UserTypeError
 from bayesprompt.prompts import engine
 
 Params = dict[str, Any]
@@ -198,12 +199,12 @@ def make_learner(method: str, clip_config: clip.CLIPConfig, **hparams: Any) -> P
     ValueError: unknown method; TypeError: unknown hyper-parameter (lists the accepted ones).
   """
   if method not in _REGISTRY:
-    raise ValueError(f"unknown prompt-learning method {method!r}; known methods: {', '.join(methods())}")
+    raise UserError(f"unknown prompt-learning method {method!r}; known methods: {', '.join(methods())}")
   if not isinstance(clip_config, clip.CLIPConfig):
     raise TypeError(f"clip_config must be a bayesprompt.clip.CLIPConfig, got {type(clip_config).__name__}")
   cls = _REGISTRY[method]
   accepted = {f.name for f in dataclasses.fields(cls)} - {"clip_config"}
   unknown = sorted(set(hparams) - accepted)
   if unknown:
-    raise TypeError(f"{method}: unknown hyper-parameter(s) {unknown}; accepted: {sorted(accepted)}")
+    raise UserTypeError(f"{method}: unknown hyper-parameter(s) {unknown}; accepted: {sorted(accepted)}")
   return cls(clip_config=clip_config, **hparams)

@@ -20,13 +20,23 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from bayesprompt.errors import UserError
 
 RUN_CONFIG_FILE = "run_config.json"
+_ITEM = "default"  # orbax's folder name of a step's single (unnamed) item
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _canonical(value: Any) -> Any:
@@ -63,9 +73,9 @@ def check_config_matches(directory: str | os.PathLike, config: Mapping[str, Any]
   stored = json.loads(path.read_text())
   diffs = config_differences(stored, config, ignore)
   if diffs:
-    raise ValueError(f"cannot resume from {directory}: its stored config differs from this run's "
-                     f"({len(diffs)} difference(s)):\n  " + "\n  ".join(diffs) +
-                     "\nuse the same flags, or a fresh directory")
+    raise UserError(f"cannot resume from {directory}: its stored config differs from this run's "
+                    f"({len(diffs)} difference(s): {'; '.join(diffs)}); use the same flags, --overwrite, or a "
+                    "fresh directory")
 
 
 def write_config(directory: str | os.PathLike, config: Mapping[str, Any]) -> None:
@@ -150,12 +160,47 @@ class CheckpointManager:
     return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
 
   def restore_latest(self, template: Any) -> tuple[int, Any] | None:
-    """(step, state) of the newest complete checkpoint, or None if there is none."""
+    """(step, state) of the newest intact checkpoint, or None if the directory holds no step.
+
+    A step that fails to restore (a truncated array file, a missing item folder: damage after orbax's
+    atomic rename, e.g. a disk filled or a file removed by hand) is logged as a warning naming it and
+    deleted, and the next older step is tried, so training continues from the newest intact state and
+    re-saves the steps after it. If every step is broken: UserError naming the directory.
+    """
     self.wait()
-    step = self.latest_step()
-    if step is None:
+    steps = sorted(self.all_steps(), reverse=True)
+    broken = []
+    for step in steps:
+      try:
+        state = self._restore_checked(step, template)
+      except Exception as error:  # noqa: BLE001 - orbax raises many types for damaged files; reported below
+        reason = _first_line(error)
+        broken.append(f"step {step} ({reason})")
+        logging.warning("checkpoint step %d in %s is broken (%s): falling back to an older step", step,
+                        self.directory, reason)
+        continue
+      for bad in steps[:steps.index(step)]:
+        self._delete_broken(bad)
+      return step, state
+    if not steps:
       return None
-    return step, self.restore(step, template)
+    raise UserError(f"no intact checkpoint in {self.directory}: {'; '.join(broken)}; delete the directory "
+                    "(or pass --overwrite) to start again")
+
+  def _restore_checked(self, step: int, template: Any) -> Any:
+    """`restore`, after checking that the step's item folder exists (orbax would otherwise ask for
+    `Composite` args instead of naming the missing folder)."""
+    step_dir = self.directory / str(step)
+    if not (step_dir / _ITEM).is_dir():
+      raise UserError(f"missing item folder {step_dir / _ITEM}")
+    return self.restore(step, template)
+
+  def _delete_broken(self, step: int) -> None:
+    """Removes a broken step so that the resumed run can write that step again (process 0 removes)."""
+    logging.warning("removing the broken checkpoint step %d in %s", step, self.directory)
+    if jax.process_index() == 0:
+      shutil.rmtree(self.directory / str(step), ignore_errors=True)
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

@@ -12,6 +12,8 @@ import math
 import jax.numpy as jnp
 import optax
 
+from bayesprompt.errors import UserError
+
 
 def dassl_cosine_schedule(base_lr: float, num_epochs: int, steps_per_epoch: int, *, warmup_epochs: int = 1,
                           warmup_lr: float = 1e-5) -> optax.Schedule:
@@ -54,5 +56,5 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *, weight_d
   elif name == "adadelta":
     chain.append(optax.adadelta(learning_rate, rho=0.9, eps=1e-6, weight_decay=weight_decay))
   else:
-    raise ValueError(f"unknown optimizer {name!r}; expected 'sgd', 'adamw' or 'adadelta'")
+    raise UserError(f"unknown optimizer {name!r}; expected 'sgd', 'adamw' or 'adadelta'")
   return optax.chain(*chain)

@@ -34,7 +34,8 @@ from bayesprompt.train import checkpoint as checkpoint_lib
 from bayesprompt.train import run_dir as run_dir_lib
 
 # Flags that may differ between a run and its resumption.
-RESUME_NEUTRAL = ("resume", "stop_after", "export_dir", "data_dir", "workdir", "log_every", "eval_every")
+RESUME_NEUTRAL = ("resume", "stop_after", "export_dir", "data_dir", "workdir", "log_every", "eval_every",
+                  "overwrite")
 SMOKE_COUNTS = {"captions": 192, "colour_shape": 2, "texture_shape": 2, "size_shape": 2}
 
 
@@ -163,9 +164,7 @@ def run(cfg: dict) -> dict:
   configs = builder_configs(cfg)
   tokenizer = model.tokenizer()
 
-  if not cfg["resume"] and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
-    raise ValueError(f"{workdir}/checkpoints already holds checkpoints: pass --resume to continue that run, "
-                     "or choose a fresh --workdir")
+  run_dir_lib.check_fresh(workdir, resume=cfg["resume"], overwrite=cfg.get("overwrite", False))
   manager = checkpoint_lib.CheckpointManager(
       workdir / "checkpoints", save_interval_steps=cfg["checkpoint_every"], max_to_keep=cfg["keep_checkpoints"],
       config=cfg, ignore_config_keys=RESUME_NEUTRAL)

@@ -22,15 +22,19 @@ from absl import logging
 import bayesprompt.clip as clip
 from bayesprompt.data import get_dataset, pipeline, protocols
 from bayesprompt.data.sources import LabeledSplit
+from bayesprompt.errors import UserError
 from bayesprompt.eval import metrics as metrics_lib
 from bayesprompt.eval.zeroshot import class_text_features
 from bayesprompt.objectives import make_objective
 from bayesprompt.prompts import make_learner
+from bayesprompt.train import checkpoint as checkpoint_lib
 from bayesprompt.train import distributed, optim, prompt_trainer
+from bayesprompt.train import run_dir as run_dir_lib
 from bayesprompt.train.checkpoint import CheckpointManager
 from bayesprompt.train.run_dir import RunDir
 
 PROTOCOLS = ("base2new", "fewshot", "xd", "dg")
+RESULTS_FILE = "results.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +101,7 @@ def protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
     return protocols.cross_dataset(**kwargs)
   if cfg.protocol == "dg":
     return protocols.domain_generalization(**kwargs)
-  raise ValueError(f"unknown protocol {cfg.protocol!r}; expected one of {PROTOCOLS}")
+  raise UserError(f"unknown protocol {cfg.protocol!r}; expected one of {PROTOCOLS}")
 
 
 def _default_targets(cfg: PromptRunConfig) -> tuple[str, ...]:
@@ -166,23 +170,45 @@ def evaluate(learner, params, clip_params, split: LabeledSplit, *, batch_size: i
   return metrics_lib.probability_metrics(probs_all, labels_all)
 
 
-def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = False, progress: bool = True,
-        clip_model: tuple[clip.CLIPConfig, Any] | None = None,
-        mesh: jax.sharding.Mesh | None = None, verify_images: bool = False) -> dict[str, dict[str, float]]:
+def finished_results(cfg: PromptRunConfig, run_dir: str | pathlib.Path) -> dict[str, dict[str, float]] | None:
+  """The results of a finished run of `cfg` in `run_dir` (its results.json), or None if it has not finished.
+  A finished run of another configuration raises UserError listing the differences."""
+  path = pathlib.Path(run_dir) / RESULTS_FILE
+  if not path.exists():
+    return None
+  stored = json.loads(path.read_text())
+  diffs = checkpoint_lib.config_differences(stored["config"], cfg.to_json())
+  if diffs:
+    raise UserError(f"cannot resume {run_dir}: it holds a finished run of another config ({len(diffs)} "
+                    f"difference(s): {'; '.join(diffs)}); use the same flags, --overwrite, or a fresh directory")
+  return stored["results"]
+
+
+def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = False, overwrite: bool = False,
+        progress: bool = True, clip_model: tuple[clip.CLIPConfig, Any] | None = None,
+        mesh: jax.sharding.Mesh | None = None, verify_images: bool = False,
+        tensorboard: bool = True) -> dict[str, dict[str, float]]:
   """Trains `cfg.method` with `cfg.objective` and evaluates on the protocol's test splits.
 
   With a `mesh` (`bayesprompt.train.distributed.make_mesh`) training and evaluation run data-parallel over
   it: `cfg.batch_size` is the global batch, each process reads its own shard of the data. None: one device.
 
-  Checkpoints (orbax) are written at the end of every epoch into run_dir/checkpoints; with `resume` the run
-  continues from the latest one (same RNG stream and data order, so the result equals an uninterrupted run).
-  Every split (train, val, every test set) is opened before training, so a bad split file or a missing
-  image fails first; `verify_images` also decodes every image of every split once (with progress).
-  Returns {eval split name: metrics}; also writes run_dir/results.json.
+  Checkpoints (orbax) are written at the end of every epoch into run_dir/checkpoints. `resume`: a finished
+  run (results.json) is read back, not retrained; a started one continues from its newest intact checkpoint
+  (same RNG stream and data order, so the result equals an uninterrupted run); one never started starts.
+  Without `resume` a directory that already holds a run is refused (UserError naming --resume and
+  --overwrite); `overwrite` deletes that run first. Every split (train, val, every test set) is opened before
+  training, so a bad split file or a missing image fails first; `verify_images` also decodes every image of
+  every split once (with progress). Returns {eval split name: metrics}; also writes run_dir/results.json
+  (atomically: it marks the run finished).
   """
   run_dir = pathlib.Path(run_dir)
-  if resume and not (run_dir / "checkpoints").exists():
-    raise ValueError(f"--resume given but {run_dir} has no checkpoints/ directory to resume from")
+  run_dir_lib.check_fresh(run_dir, resume=resume, overwrite=overwrite)
+  if resume:
+    finished = finished_results(cfg, run_dir)
+    if finished is not None:
+      logging.info("%s is finished: results read back from %s", run_dir, RESULTS_FILE)
+      return finished
   data = protocol_data(cfg)  # first: bad data fails before the model is even loaded
   evals = evaluation_splits(cfg, data)
   if verify_images:
@@ -206,7 +232,7 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
   local_batch = cfg.batch_size if mesh is None else distributed.check_global_batch(cfg.batch_size, mesh)
   steps_per_epoch = len(local_split) // local_batch
   if steps_per_epoch < 1:
-    raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(train_split)} training examples")
+    raise UserError(f"batch_size {cfg.batch_size} exceeds the {len(train_split)} training examples")
   schedule = optim.dassl_cosine_schedule(cfg.lr, cfg.epochs, steps_per_epoch, warmup_epochs=cfg.warmup_epochs,
                                          warmup_lr=cfg.warmup_lr)
   optimizer = optim.make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
@@ -219,12 +245,12 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
 
   manager = CheckpointManager(run_dir / "checkpoints", max_to_keep=2, config=cfg.to_json(), async_save=False)
   first_epoch = 0
-  if resume and manager.latest_step() is not None:
-    step = manager.latest_step()
-    state = manager.restore(step, state)
+  restored = manager.restore_latest(state) if resume else None
+  if restored is not None:
+    step, state = restored
     first_epoch = int(state.step) // steps_per_epoch
     logging.info("resumed %s at step %d (epoch %d)", run_dir, step, first_epoch)
-  writer = RunDir(run_dir, cfg.to_json())
+  writer = RunDir(run_dir, cfg.to_json(), tensorboard=tensorboard)
   writer.write_json("train_classes.json", {"classnames": list(train_split.classnames),
                                            "template": train_split.template})
   total_steps = cfg.epochs * steps_per_epoch
@@ -273,8 +299,9 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
                              train_classnames=train_split.classnames)
   writer.write_scalars(int(state.step), {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()})
   data_read = {"train": repr(train_split), **{name: repr(split) for name, split in evals.items()}}
-  writer.write_json("results.json", {"config": cfg.to_json(), "results": results,
-                                     "train_seconds": train_seconds, "data": data_read})
+  # Key order kept: a resumed run reads these results back in place of retraining, in the same order.
+  writer.write_json(RESULTS_FILE, {"config": cfg.to_json(), "results": results, "train_seconds": train_seconds,
+                                   "data": data_read}, sort_keys=False)
   writer.close()
   return results
 
@@ -297,7 +324,8 @@ def load_trained(run_dir: str | pathlib.Path) -> TrainedRun:
   run_dir = pathlib.Path(run_dir)
   config_path = run_dir / "checkpoints" / "run_config.json"
   if not config_path.exists():
-    raise ValueError(f"{run_dir} is not a trained run directory (no checkpoints/run_config.json)")
+    raise UserError(f"{run_dir} is not a trained run directory (no checkpoints/run_config.json): --eval_only "
+                    "needs one seed's directory, <run_dir>/<variant>/seed<N>, as printed by the training run")
   stored = json.loads(config_path.read_text())
   known = {f.name for f in dataclasses.fields(PromptRunConfig)}
   stored = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in known}
@@ -316,11 +344,11 @@ def load_trained(run_dir: str | pathlib.Path) -> TrainedRun:
   optimizer = optim.make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
   template = prompt_trainer.create_train_state(learner, optimizer, cfg.seed, clip_params, class_state)
   manager = CheckpointManager(run_dir / "checkpoints", async_save=False)
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f"{run_dir} holds no completed checkpoint")
-  state = manager.restore(step, template)
+  restored = manager.restore_latest(template)
   manager.close()
+  if restored is None:
+    raise UserError(f"{run_dir} holds no completed checkpoint")
+  _, state = restored
   return TrainedRun(cfg, clip_config, clip_params, learner, state.params, tuple(train_classes),
                     stored_classes["template"])
 
