@@ -45,12 +45,13 @@ def _layers(s, prefix):
   return len({k.split(".")[len(prefix.split("."))] for k in s if k.startswith(prefix + ".")})
 
 
-def encode_image(s, images_nchw, heads, quick_gelu, prompts=None, deep_prompts=None):
+def encode_image(s, images_nchw, heads, quick_gelu, prompts=None, deep_prompts=None, appended_prompts=None):
   """Image embedding [N, D] and pre-projection [N, W] of NCHW images.
 
   Vision prompts (MaPLe's schedule, written from its paper/official code): `prompts` [n, W] are appended to
   every image's tokens after the positional embedding, before ln_pre; `deep_prompts` {layer i: [n, W]}
-  overwrite the last n tokens before block i.
+  overwrite the last n tokens before block i. `appended_prompts` {layer i: [n, W]} are appended after the
+  last token before block i (after ln_pre for i = 0): VaMP's / MMRL's shared vision prompts enter at layer J.
   """
   s = {k: np.asarray(v, np.float64) for k, v in s.items()}
   w = s["visual.conv1.weight"]  # [width, 3, p, p]
@@ -65,6 +66,9 @@ def encode_image(s, images_nchw, heads, quick_gelu, prompts=None, deep_prompts=N
     x = np.concatenate([x, np.broadcast_to(np.asarray(prompts, np.float64), (n, *np.shape(prompts)))], 1)
   x = _ln(x, s["visual.ln_pre.weight"], s["visual.ln_pre.bias"])
   for i in range(_layers(s, "visual.transformer.resblocks")):
+    if appended_prompts and i in appended_prompts:
+      tokens = np.asarray(appended_prompts[i], np.float64)
+      x = np.concatenate([x, np.broadcast_to(tokens, (n, *tokens.shape))], 1)
     if deep_prompts and i in deep_prompts:
       count = np.shape(deep_prompts[i])[0]
       x = np.concatenate([x[:, :-count], np.broadcast_to(np.asarray(deep_prompts[i], np.float64),

@@ -365,19 +365,18 @@ def test_vamp_mmrl_samples_kl_and_loss_equal_a_python_loop(world, case, vamp_cas
   output = jit_apply(learner, params, clip_params, state, world["images"], rng, True, labels)
   chex.assert_shape((output.logits, output.aux_logits), (2, 3, 4))
   frozen = clip.normalize(clip.encode_image(clip_params, world["images"], config=config))
-  mean, log_var = jax.jit(learner.posterior)(params, frozen)  # [H, B, K, W]
-  eps = jax.random.normal(rng, (2, *mean.shape))
+  mean, log_var = learner_tests.vamp_posterior_numpy(params, frozen, learner.n_tokens)  # [H, B, K, W], NumPy
+  eps = np.asarray(jax.random.normal(rng, (2, *mean.shape)))
   text_features = jit_text_tower(config)  # inserted after SOS at block 1, replaced at block 2
   texts = np.zeros((2, 3, 4, 64))
   for s in range(2):
     for b in range(3):
-      z = ref["rep_text"] + mean[:, b] + jnp.exp(0.5 * log_var[:, b]) * eps[s, :, b]
-      texts[s, b] = text_features(clip_params, state.token_embeddings, state.pool_index, z)
+      z = ref["rep_text"] + mean[:, b] + np.exp(0.5 * log_var[:, b]) * eps[s, :, b]
+      texts[s, b] = text_features(clip_params, state.token_embeddings, state.pool_index, jnp.asarray(z, jnp.float32))
       chex.assert_trees_all_close(output.logits[s, b], scale * texts[s, b] @ ref["image"][b], atol=2e-4)
       chex.assert_trees_all_close(output.aux_logits[s, b], scale * texts[s, b] @ ref["rep_image"][b], atol=2e-4)
-  prior_mean, prior_log_var = (np.asarray(a, np.float64)
-                               for a in jax.jit(learner.prior)(params, world["prototypes"][LABELS]))
-  mean, log_var = np.asarray(mean, np.float64), np.asarray(log_var, np.float64)
+  prior_mean, prior_log_var = learner_tests.vamp_prior_numpy(params, np.asarray(world["prototypes"])[LABELS],
+                                                             learner.n_tokens)
   sq, sp = np.exp(0.5 * log_var), np.exp(0.5 * prior_log_var)
   kl = np.log(sp / sq) + (sq**2 + (mean - prior_mean) ** 2) / (2 * sp**2) - 0.5  # [H, B, K, W]
   kl = kl.mean(axis=(2, 3)).sum(0).mean()

@@ -337,19 +337,107 @@ def test_mpl_vision_prompts_grow_then_are_carried(world):
 # ------------------------------------------------------------------------------------------ Bayesian
 
 
+def bp_clip_vpt_posterior(params: dict, image: np.ndarray, conditioning: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, log_var) of BPL's residual in float64, transliterated from BP_CLIP's trainers/vpt_ove_pg.py and
+  vpt_cocoop_ove_pg.py (MingyuKim87/BP_CLIP), not from bayesprompt: "coopvpt" reads the free parameters
+  (`mean_posterior` and `std_posterior`, the latter used as a log-variance: `logvar.exp().sqrt()`);
+  "cocoopvpt" runs `Amortized` on the normalised image feature [B, D]: two `InferenceBlock`s
+  Linear(D, D/2)-ELU-Linear(D/2, D/2)-ELU-Linear(D/2, W_t), one for the mean and one for the log-variance.
+  torch's nn.Linear computes x Wᵀ + b with W [out, in]; ours stores kernel = Wᵀ [in, out]."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  if conditioning == "coop":
+    return p["posterior"]["mean"], p["posterior"]["log_var"]
+
+  def torch_linear(layer, x):
+    weight = layer["kernel"].T  # torch layout [out, in]
+    return x @ weight.T + layer["bias"]
+
+  def elu(x):
+    return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
+
+  def inference_block(block, x):
+    x = elu(torch_linear(block["linear1"], x))
+    x = elu(torch_linear(block["linear2"], x))
+    return torch_linear(block["linear3"], x)
+
+  x = np.asarray(image, np.float64)
+  return inference_block(p["meta_net"]["mean"], x), inference_block(p["meta_net"]["log_var"], x)
+
+
+def _per_layer_mlp(mlp: dict, layer: int, x: np.ndarray) -> np.ndarray:
+  """Layer `layer`'s two-layer ReLU MLP of VaMP (x W1 + b1 -> ReLU -> W2 + b2), float64."""
+  hidden = np.maximum(x @ mlp["linear1"]["kernel"][layer] + mlp["linear1"]["bias"][layer], 0.0)
+  return hidden @ mlp["linear2"]["kernel"][layer] + mlp["linear2"]["bias"][layer]
+
+
+def vamp_posterior_numpy(params: dict, frozen: np.ndarray, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """VaMP's q(z_i | x) from the paper's equations, layer by layer in float64: the generator Φ_i(f_x) gives the
+  M tokens [M, W_t] of layer i; the posterior net φ_i maps each token to [μ | log σ²] (2·W_t). Returns
+  (mean, log_var), each [H, B, M, W_t]."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  depth = p["generator"]["linear1"]["kernel"].shape[0]  # H prompted layers
+  means, log_vars = [], []
+  for i in range(depth):
+    tokens = _per_layer_mlp(p["generator"], i, np.asarray(frozen, np.float64))  # [B, M·W_t]
+    tokens = tokens.reshape(len(frozen), n_tokens, -1)  # z_i = Φ_i(f_x) ∈ R^{M x W_t}
+    out = _per_layer_mlp(p["posterior"], i, tokens)  # [B, M, 2 W_t]
+    width = tokens.shape[-1]
+    means.append(out[..., :width])
+    log_vars.append(out[..., width:])
+  return np.stack(means), np.stack(log_vars)
+
+
+def vamp_prior_numpy(params: dict, prototypes: np.ndarray, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """VaMP's class-aware prior p(z_i | o_y) = N(μ̂_i, σ̂_i²), [μ̂_i | log σ̂_i²] = ψ_i(o_y) per token (the
+  ψ_i output [2·M·W_t] read as M rows of [μ̂ | log σ̂²]), float64: (mean, log_var), each [H, B, M, W_t]."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  depth = p["prior"]["linear1"]["kernel"].shape[0]  # H prompted layers
+  means, log_vars = [], []
+  for i in range(depth):
+    out = _per_layer_mlp(p["prior"], i, np.asarray(prototypes, np.float64)).reshape(len(prototypes), n_tokens, -1)
+    width = out.shape[-1] // 2
+    means.append(out[..., :width])
+    log_vars.append(out[..., width:])
+  return np.stack(means), np.stack(log_vars)
+
+
+def vamp_image_features_numpy(world: dict, params: dict, first_layer: int, tmp_path) -> np.ndarray:
+  """VaMP's vision side in the independent NumPy CLIP (tests/clip_reference.py), float64: the shared prompts
+  z̃_J [M, W_v] appended after the patches before block J, z̃_i overwriting the last M tokens before each later
+  prompted block i; normalised image features [B, D]."""
+  from safetensors.numpy import load_file
+
+  from tests import clip_reference
+
+  config = world["config"]
+  vision_prompts = np.asarray(params["vision_prompts"], np.float64)  # [H, M, W_v]
+  clip.save_checkpoint(tmp_path / "model", config, world["params"])
+  weights = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
+  images = np.asarray(world["images"]).transpose(0, 3, 1, 2)
+  deep = {first_layer + h: vision_prompts[h] for h in range(1, len(vision_prompts))}
+  features, _ = clip_reference.encode_image(weights, images, config.vision.heads, config.vision.act == "quick_gelu",
+                                            appended_prompts={first_layer: vision_prompts[0]}, deep_prompts=deep)
+  return features / np.linalg.norm(features, axis=-1, keepdims=True)
+
+
+
 @pytest.mark.parametrize("key", ["vpt", "vpt_cocoop"])
 def test_vpt_samples_equal_a_python_loop_and_log_mean_exp(world, key):
-  """Brute force: one text-tower call per sample (and image), the residual drawn from the same ε."""
+  """Brute force: one text-tower call per sample (and image), the residual drawn from the same ε, the
+  posterior (free, or BP_CLIP's amortised meta-net) computed in NumPy from the params."""
   config, clip_params = world["config"], world["params"]
   learner = make(world, key)
   state = learner.prepare_classes(clip_params, CLASSNAMES)
   params = learner.init(jax.random.key(0), clip_params, state)
+  if "posterior" in params:  # the official init has μ = 0: move it so that a swapped (μ, ℓ) shows
+    params["posterior"]["mean"] = 0.3 * jax.random.normal(jax.random.key(8), params["posterior"]["mean"].shape)
   rng = jax.random.key(7)
   output = jit_apply(learner, params, clip_params, state, world["images"], rng, train=True)
   num_samples = learner.num_samples(True)
   chex.assert_shape(output.logits, (num_samples, 3, len(CLASSNAMES)))
   image = clip.normalize(clip.encode_image(clip_params, world["images"], config=config))
-  mean, log_var = jax.jit(learner.posterior)(params, image)
+  mean, log_var = bp_clip_vpt_posterior(params, image, learner.conditioning)  # BP_CLIP's nets, not ours
+  assert mean.shape == ((32,) if key == "vpt" else (3, 32))
   eps = np.asarray(jax.random.normal(rng, (num_samples, *mean.shape)))
   scale = np.exp(world["params"]["logit_scale"])
   text_features = jit_text_tower(config)
@@ -393,9 +481,13 @@ def test_vamp_kl_equals_closed_form_and_monte_carlo(world):
   params = learner.init(jax.random.key(0), clip_params, state)
   output = jit_apply(learner, params, clip_params, state, world["images"], jax.random.key(1), True, LABELS)
   frozen = clip.normalize(clip.encode_image(clip_params, world["images"], config=config))
-  mean, log_var = (np.asarray(a, np.float64) for a in jax.jit(learner.posterior)(params, frozen))  # [H, B, M, W]
-  prior_mean, prior_log_var = (np.asarray(a, np.float64)
-                               for a in jax.jit(learner.prior)(params, world["prototypes"][LABELS]))
+  mean, log_var = vamp_posterior_numpy(params, frozen, learner.n_tokens)  # [H, B, M, W], NumPy from the params
+  prior_mean, prior_log_var = vamp_prior_numpy(params, np.asarray(world["prototypes"])[LABELS], learner.n_tokens)
+  # The library's own networks, used by the last check below, equal these.
+  for got, want in zip((*jax.jit(learner.posterior)(params, frozen),
+                        *jax.jit(learner.prior)(params, world["prototypes"][LABELS])),
+                       (mean, log_var, prior_mean, prior_log_var), strict=True):
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
   sq, sp = np.exp(0.5 * log_var), np.exp(0.5 * prior_log_var)
   closed = np.log(sp / sq) + (sq**2 + (mean - prior_mean) ** 2) / (2 * sp**2) - 0.5
   expected = closed.mean(axis=(2, 3)).sum(0).mean()
@@ -412,32 +504,35 @@ def test_vamp_kl_equals_closed_form_and_monte_carlo(world):
   assert learner.kl_weight == 1.0
 
 
-def test_vamp_samples_equal_a_python_loop_over_the_whole_text_tower(world):
-  """The shared-prefix split and the vmap over samples against one full text-tower call per (sample, image)."""
+def test_vamp_samples_equal_a_python_loop_over_the_whole_text_tower(world, tmp_path):
+  """The shared-prefix split and the vmap over samples against one full text-tower call per (sample, image);
+  the vision side (shared prompts appended at layer J, replaced after) and the posterior nets in NumPy."""
   config, clip_params = world["config"], world["params"]
   learner = make(world, "vamp")
   state = learner.prepare_classes(clip_params, CLASSNAMES, templates=TEMPLATE, class_prototypes=world["prototypes"])
   params = learner.init(jax.random.key(0), clip_params, state)
+  params["vision_prompts"] = jax.random.normal(jax.random.key(4), params["vision_prompts"].shape)
   rng = jax.random.key(3)
   output = jit_apply(learner, params, clip_params, state, world["images"], rng, True, LABELS)  # as the KL test's
   num_samples = learner.num_samples(True)
   chex.assert_shape(output.logits, (num_samples, 3, len(CLASSNAMES)))
   frozen = clip.normalize(clip.encode_image(clip_params, world["images"], config=config))
-  image = jax.jit(lambda p, x, lp: engine.image_features(p, config, x, learner.vision_edits(lp)))(
-      clip_params, world["images"], params)
-  chex.assert_trees_all_close(output.image_features, image, atol=1e-6)
+  image = vamp_image_features_numpy(world, params, learner.first_layer, tmp_path)
+  np.testing.assert_allclose(np.asarray(output.image_features), image, atol=2e-5)
+  assert np.max(np.abs(image - np.asarray(frozen))) > 1e-2  # the vision prompts are live
   chex.assert_trees_all_close(output.frozen_image_features, frozen, atol=1e-6)
-  mean, log_var = jax.jit(learner.posterior)(params, frozen)
-  eps = jax.random.normal(rng, (num_samples, *mean.shape))
+  mean, log_var = vamp_posterior_numpy(params, frozen, learner.n_tokens)
+  eps = np.asarray(jax.random.normal(rng, (num_samples, *mean.shape)))
   ids = world["tokenizer"]([TEMPLATE.format(n) for n in CLASSNAMES])[:, :state.sequence_length]
   np.testing.assert_array_equal(state.token_ids, ids)  # VaMP's text input is the hand-crafted template
   scale = np.exp(clip_params["logit_scale"])
   text_features = jit_text_tower(config)  # z inserted after SOS at layer 1, replaced at layer 2
   for s in range(num_samples):
     for b in range(3):
-      z = mean[:, b] + jnp.exp(0.5 * log_var[:, b]) * eps[s, :, b]  # [H, M, W]
-      text = text_features(clip_params, state.token_embeddings, state.pool_index, z)
-      chex.assert_trees_all_close(output.logits[s, b], scale * image[b] @ text.T, atol=1e-4)
+      z = mean[:, b] + np.exp(0.5 * log_var[:, b]) * eps[s, :, b]  # [H, M, W]
+      text = text_features(clip_params, state.token_embeddings, state.pool_index, jnp.asarray(z, jnp.float32))
+      np.testing.assert_allclose(np.asarray(output.logits[s, b]), scale * image[b] @ np.asarray(text, np.float64).T,
+                                 atol=5e-4)
   unshared = make(world, "vamp", share_text_prefix=False)
   chex.assert_trees_all_close(jit_apply(unshared, params, clip_params, state, world["images"], rng, True, LABELS).logits,
                               output.logits, atol=1e-5)
