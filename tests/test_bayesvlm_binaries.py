@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from bayesprompt.bayesvlm import zeroshot as bv_zeroshot
 from bayesprompt.data import preprocess, sources
 from bayesprompt.data.sandbox import model as sandbox_model
 from tests.conftest import binary_module
+from tests.test_laplace import official_kfac_ggn
 
 # Imported per test module (see conftest.binary_module): binaries' absl flags clash in one process.
 bayesvlm_flags = None
@@ -156,6 +158,21 @@ def test_pair_factors_match_brute_force_ggn_and_resume(tiny, tmp_path):
                 for s in range(0, n, class_batch))
     np.testing.assert_allclose(factors[tower].a, phi.T @ phi / math.sqrt(n), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(factors[tower].b, b_sum / math.sqrt(n), rtol=1e-3, atol=1e-4)
+  # The official switch: BayesVLM's kfac_ggn (transliterated in tests/test_laplace.py) with la_batch_size=3 on
+  # the same pairs in the same order drops the trailing 4 pairs and, in each class batch of 8, 2 pairs from B.
+  official, official_info = hessian.estimate_pair_factors(params, config, hessian.CaptionPairs(_Store(n), name="mem"),
+                                                          la_batch_size=3, **kwargs)
+  assert official_info["num_class_batches"] == 2 and official_info["la_batch_size"] == 3
+  for tower, phi, g, other in (("img", img_out["pre_projection"], g_img, g_txt),
+                               ("txt", txt_out["pre_projection"], g_txt, g_img)):
+    a, b = official_kfac_ggn(*(np.asarray(x, np.float64) for x in (g, phi, other)), class_batch, 3,
+                             float(scale), "infonce")
+    np.testing.assert_allclose(official[tower].a, a, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(official[tower].b, b, rtol=1e-3, atol=1e-4)
+    assert float(official[tower].num_data) == 16
+  with pytest.raises(ValueError, match="one device"):
+    hessian.estimate_pair_factors(params, config, hessian.CaptionPairs(_Store(n), name="mem"), la_batch_size=3,
+                                  mesh=object(), **kwargs)
   # Interrupted after the first class batch (8 pairs = 8 reads), resumed from the checkpoint: same factors.
   ckpt = tmp_path / "partial"
   with pytest.raises(RuntimeError, match="simulated crash"):
@@ -337,6 +354,24 @@ def test_estimate_hessian_runlocal(tiny, factors_dir):
   assert (out / "config.json").exists() and (out / "metrics.jsonl").exists() and (out / "prior_precision.json").exists()
 
 
+def test_estimate_hessian_la_batch_size_flag_is_the_official_b(tiny, factors_dir, tmp_path):
+  """--la_batch_size reaches estimate_pair_factors: on the same 192 pairs (3 class batches of 64), A and N are
+  the default run's and B drops 64 mod 5 = 4 pairs per class batch (the oracle is
+  test_pair_factors_match_brute_force_ggn_and_resume)."""
+  out, _ = factors_dir
+  parse_flags(f"--checkpoint={tiny[0]}", "--runlocal", f"--output_dir={tmp_path}", "--la_batch_size=5")
+  cfg = bayesvlm_flags.hessian_config()
+  assert cfg["la_batch_size"] == 5
+  _, config, params = tiny
+  official, info = factors_lib.estimate(cfg, config, params, clip.get_tokenizer(config), tmp_path)
+  default, _ = laplace.load_factors(out / "factors")
+  assert info["la_batch_size"] == 5 and info["num_class_batches"] == 3
+  for tower in ("img", "txt"):
+    np.testing.assert_allclose(official[tower].a, default[tower].a, rtol=1e-5, atol=1e-6)
+    assert float(official[tower].num_data) == float(default[tower].num_data) == 192
+    assert np.max(np.abs(np.asarray(official[tower].b) - np.asarray(default[tower].b))) > 1e-3
+
+
 def test_bayesvlm_runlocal_and_bad_input(tiny, factors_dir, tmp_path):
   out, _ = factors_dir
   parse_flags(f"--checkpoint={tiny[0]}", "--runlocal", f"--factors_dir={out}", f"--run_dir={tmp_path / 'bv'}",
@@ -412,6 +447,15 @@ def test_online_selection_ignores_picks_outside_the_label_set(tiny):
   labelled = active.select("entropy", jax.random.key(1), rounds=3,
                            **{**common, "pool": {**pool, "labels": rng.integers(0, 3, 40)}})
   assert not np.array_equal(labelled.indices, offline.indices)
+  # The official update's switch reaches the online update of A (tests/test_laplace.py checks its algebra).
+  products = []
+  real = laplace.rank_one_update
+  with mock.patch.object(laplace, "rank_one_update", lambda *a, **k: products.append(k["product"]) or real(*a, **k)):
+    active.select("entropy", jax.random.key(1), rounds=3, hessian_update_product="inner",
+                  **{**common, "pool": {**pool, "labels": rng.integers(0, 3, 40)}})
+  assert products == ["inner", "inner"]
+  parse_flags("--hessian_update_product=inner")
+  assert bayesvlm_flags.active_config()["hessian_update_product"] == "inner"
 
 
 def test_active_learning_runlocal_offtarget_pool(tiny, factors_dir, tmp_path):

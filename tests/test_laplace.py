@@ -87,6 +87,56 @@ class EmbeddingGGNTest(parameterized.TestCase):
       )
 
 
+def official_kfac_ggn(source_embeds, source_activations, target_embeds, num_classes, batch_size, logit_scale,
+                      likelihood, logit_bias=0.0):
+  """AaltoML/BayesVLM's `kfac_ggn` (scripts/hessian_estimation.py) with `compute_hessian_analytic_InfoNCE` /
+  `compute_hessian_analytic_SigLIP` (bayesvlm/hessians.py), transliterated to float64 NumPy: class batches of
+  `num_classes` (a trailing partial one is dropped), B summed over data batches of `batch_size` inside each
+  (the leftover rows are dropped), A over the whole class batch (SigLIP: activations with a ones column),
+  both divided by √(num_class_batches · num_classes)."""
+
+  def hessian_infonce(x, y):
+    x_norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    x_hat, y_hat = x / x_norm, y / np.linalg.norm(y, axis=-1, keepdims=True)
+    logits = x_hat @ y_hat.T * np.exp(logit_scale)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    j_diag = np.einsum("bc,cd,ce->bde", probs, y_hat, y_hat)  # (Y * p[:, None]).T @ Y per row
+    yp = probs @ y_hat  # [B, D] = Yᵀ p
+    j_pp = yp[:, :, None] * yp[:, None, :]
+    j_norm = np.eye(x.shape[1]) / x_norm[:, :, None] - x[:, :, None] * x[:, None, :] / x_norm[:, :, None] ** 3
+    return (j_norm @ (j_diag - j_pp) @ np.swapaxes(j_norm, 1, 2) * np.exp(logit_scale) ** 2).sum(0)
+
+  def hessian_siglip(x, indices, y):
+    x_norm = np.linalg.norm(x, axis=1, keepdims=True)
+    x_hat, y_hat = x / x_norm, y / np.linalg.norm(y, axis=1, keepdims=True)
+    scale = np.exp(logit_scale)
+    logits = x_hat @ y_hat.T * scale + logit_bias
+    labels = (2 * np.eye(len(y)) - 1)[indices]
+    sig = 1 / (1 + np.exp(-logits * labels))
+    weights = scale**2 * sig * (1 - sig)  # [B, N_y]
+    hess = np.einsum("ij,jk,jl->ikl", weights, y_hat, y_hat)
+    norm_jac = np.eye(x.shape[1])[None] / x_norm[:, :, None] - x[:, :, None] * x[:, None, :] / x_norm[:, :, None] ** 3
+    return np.einsum("ijk,ikl,ilm->jm", norm_jac, hess, norm_jac)
+
+  num_class_batches = len(target_embeds) // num_classes
+  a, b = 0, 0
+  for i in range(num_class_batches):
+    rows = slice(i * num_classes, (i + 1) * num_classes)
+    targets, sources, activations = target_embeds[rows], source_embeds[rows], source_activations[rows]
+    for j in range(len(sources) // batch_size):
+      x = sources[j * batch_size:(j + 1) * batch_size]
+      if likelihood == "infonce":
+        b = b + hessian_infonce(x, targets)
+      else:
+        b = b + hessian_siglip(x, np.arange(j * batch_size, (j + 1) * batch_size), targets)
+    if likelihood == "siglip":
+      activations = np.concatenate([activations, np.ones_like(activations[:, :1])], axis=1)
+    a = a + activations.T @ activations
+  n = num_class_batches * num_classes
+  return a / math.sqrt(n), b / math.sqrt(n)
+
+
 class KFACTest(chex.TestCase):
   @parameterized.parameters(("infonce", False, False), ("siglip", True, True), ("infonce", True, False))
   def test_single_sample_kronecker_is_exact_weight_ggn(self, likelihood, add_bias, residual):
@@ -164,6 +214,41 @@ class KFACTest(chex.TestCase):
     chex.assert_trees_all_close((combined.a, combined.b), whole, atol=1e-5, rtol=1e-5)
     self.assertEqual(float(combined.num_data), 50.0)
 
+  @parameterized.parameters("infonce", "siglip")
+  def test_b_batch_size_is_the_official_kfac_ggn(self, likelihood):
+    """`b_batch_size` = the official `la_batch_size`: class batches of 7 cut into data batches of 3, so one row
+    per class batch adds to A and N but not to B (the official code). The default counts it in B too."""
+    class_batch, la_batch_size, num_batches = 7, 3, 3
+    with jax.enable_x64(True):
+      phi, kernel, _, residual, _ = _problem(11, num=class_batch * num_batches, feat_dim=5, embed_dim=4)
+      source = phi @ kernel + residual
+      targets = np.random.default_rng(12).normal(size=source.shape)  # the other tower's embeddings, paired
+      kwargs = dict(likelihood=likelihood, logit_bias=-0.7, add_bias=likelihood == "siglip", chunk_size=2)
+      official = official_kfac_ggn(source, phi, targets, class_batch, la_batch_size, 1.3, likelihood, -0.7)
+      states = {}
+      for b_batch_size in (la_batch_size, None):
+        state = laplace.kfac_init(5, 4, add_bias=kwargs["add_bias"], dtype=jnp.float64)
+        for i in range(num_batches):
+          rows = slice(i * class_batch, (i + 1) * class_batch)
+          state = laplace.kfac_update(state, jnp.asarray(phi[rows]), jnp.asarray(source[rows]),
+                                      jnp.asarray(targets[rows]), 1.3, b_batch_size=b_batch_size, **kwargs)
+        states[b_batch_size] = laplace.kfac_finalize(state)
+    got = states[la_batch_size]
+    self.assertEqual(float(got.num_data), class_batch * num_batches)
+    np.testing.assert_allclose(np.asarray(got.a), official[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(got.b), official[1], rtol=1e-10, atol=1e-12)
+    ours = states[None]
+    np.testing.assert_allclose(np.asarray(ours.a), official[0], rtol=1e-12, atol=1e-12)  # A: the same
+    assert np.max(np.abs(np.asarray(ours.b) - official[1])) > 0.05 * np.max(np.abs(official[1]))  # B: not
+    # A class batch smaller than la_batch_size adds nothing to B (the official loop runs zero data batches).
+    tiny = laplace.kfac_update(laplace.kfac_init(5, 4, add_bias=kwargs["add_bias"]), jnp.asarray(phi[:2]),
+                               jnp.asarray(source[:2]), jnp.asarray(targets[:2]), 1.3, b_batch_size=3, **kwargs)
+    np.testing.assert_array_equal(np.asarray(tiny.b_sum), 0.0)
+    self.assertEqual(int(tiny.num_data), 2)
+    with pytest.raises(ValueError, match="b_batch_size=0"):
+      laplace.kfac_update(laplace.kfac_init(5, 4), jnp.asarray(phi), jnp.asarray(source), jnp.asarray(targets),
+                          1.3, b_batch_size=0)
+
   def test_factors_are_psd(self):
     phi, kernel, _, _, targets = _problem(6, num=40, feat_dim=8, embed_dim=6, classes=30)
     a, b = laplace.kfac_factors(jnp.asarray(phi), jnp.asarray(phi @ kernel), jnp.asarray(targets), 4.6)
@@ -190,6 +275,30 @@ class KFACTest(chex.TestCase):
       laplace.rank_one_update(factors, jnp.asarray(new), add_bias=False)
     with pytest.raises(ValueError, match="scale"):
       laplace.rank_one_update(factors, jnp.asarray(new), scale=-1.0, add_bias=True)
+    with pytest.raises(ValueError, match="product='outr'"):
+      laplace.rank_one_update(factors, jnp.asarray(new), add_bias=True, product="outr")
+
+  def test_rank_one_update_inner_is_the_official_online_update(self):
+    """product="inner" adds the official active-learning term (AaltoML/BayesVLM epig.py, one selected sample
+    per step: `A_new = a @ a.T` on a 1-D activation, a scalar broadcast onto A, times hessian_update_scale),
+    checked against that loop with its √n/√(n+1) renormalisation taken back out."""
+    rng = np.random.default_rng(9)
+    with jax.enable_x64(True):
+      a0 = _random_psd(rng, 5)
+      factors = laplace.KFACFactors(jnp.asarray(a0), jnp.asarray(_random_psd(rng, 3)), jnp.asarray(100.0))
+      new = rng.normal(size=(3, 5))
+      update_scale, n0 = 10.0, 327_680
+      a_img = a0.copy()  # the official loop
+      for i, activation in enumerate(new):
+        a_new = activation @ activation.T  # 1-D: .T is a no-op, @ the inner product
+        n = n0 + i
+        a_img = (math.sqrt(n) * a_img + a_new * update_scale) / math.sqrt(n + 1)
+      added = math.sqrt(n0 + len(new)) * a_img - math.sqrt(n0) * a0  # the sum of the official additive terms
+      inner = laplace.rank_one_update(factors, jnp.asarray(new), scale=update_scale, product="inner")
+      outer = laplace.rank_one_update(factors, jnp.asarray(new), scale=update_scale)
+    np.testing.assert_allclose(np.asarray(inner.a) - a0, added, rtol=1e-10, atol=1e-9)
+    np.testing.assert_array_equal(np.asarray(inner.b), np.asarray(factors.b))
+    assert np.max(np.abs(np.asarray(outer.a) - a0 - added)) > 1.0  # the default is not the official term
 
   def test_bad_input(self):
     phi, kernel, _, _, targets = _problem(8)

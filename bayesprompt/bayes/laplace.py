@@ -267,6 +267,7 @@ def kfac_update(
   add_bias: bool = False,
   chunk_size: int | None = 512,
   precision: Any = None,
+  b_batch_size: int | None = None,
 ) -> KFACState:
   """Adds N samples scored against one class batch of targets to the running KFAC sums. Jit-able.
 
@@ -285,11 +286,28 @@ def kfac_update(
     add_bias: the projection has a bias: φ is augmented with a 1 (A is (d_in+1)×(d_in+1)).
     chunk_size: samples per streamed chunk (None: one chunk). Results do not depend on it beyond rounding.
     precision: `jax.lax.Precision` for the matmuls (None = backend default; on GPUs that may be TF32).
+    b_batch_size: None (default): every sample adds to A, B and N. An int reproduces the official
+      `kfac_ggn` (AaltoML/BayesVLM, its `la_batch_size`): B sums over whole data batches of that size only,
+      so the last N mod b_batch_size samples of the class batch add to A and N but not to B.
 
   Returns:
     The updated state (sums, N incremented by the number of rows).
   """
   _check_likelihood(likelihood)
+  if b_batch_size is not None:
+    if isinstance(b_batch_size, bool) or not isinstance(b_batch_size, (int, np.integer)) or b_batch_size <= 0:
+      raise ValueError(f"b_batch_size={b_batch_size!r}; expected a positive integer or None")
+    kept = np.shape(features)[0] - np.shape(features)[0] % int(b_batch_size)
+    kwargs = dict(likelihood=likelihood, logit_bias=logit_bias, add_bias=add_bias, chunk_size=chunk_size,
+                  precision=precision)
+    state = kfac_update(state, features[:kept], embeddings[:kept], targets, logit_scale, **kwargs)
+    if kept == np.shape(features)[0]:
+      return state
+    # The leftover rows: their outer products in A and their count in N, as the official code does.
+    rest = jnp.asarray(features[kept:], state.a_sum.dtype)
+    rest = augment_features(rest) if add_bias else rest  # shapes were checked by the call above
+    return state._replace(a_sum=state.a_sum + jnp.matmul(rest.T, rest, precision=precision),
+                          num_data=state.num_data + rest.shape[0])
   if features.ndim != 2 or embeddings.ndim != 2 or targets.ndim != 2:
     raise ValueError(
       f"expected features [N, d_in], embeddings [N, D], targets [C, D]; got shapes "
@@ -423,22 +441,32 @@ def kfac_factors(
   return factors.a, factors.b
 
 
+RANK_ONE_PRODUCTS = ("outer", "inner")
+
+
 def rank_one_update(
-  factors: KFACFactors, features: Array, *, scale: float | Array = 1.0, add_bias: bool = False
+  factors: KFACFactors, features: Array, *, scale: float | Array = 1.0, add_bias: bool = False,
+  product: str = "outer",
 ) -> KFACFactors:
   """Online update of A with newly labelled inputs: A ← A + scale · Σ_j φ_j φ_jᵀ (outer products).
 
-  The official active-learning code adds an *inner* product here (a scalar times the identity in effect);
-  the KFAC factor of a new sample is its outer product. `scale` plays the role of the official
-  `hessian_update_scale`; `scale = 1/√N` adds the sample exactly as the batch normalisation would.
-  B and `num_data` are left unchanged.
+  The official active-learning code (AaltoML/BayesVLM `epig.py`: `A_new = a @ a.T` on a 1-D activation `a`)
+  computes the *inner* product ‖φ‖², a scalar that broadcasting adds to every entry of A;
+  `product="inner"` reproduces that: A ← A + scale · Σ_j ‖φ_j‖² 𝟙𝟙ᵀ. The KFAC factor of a new sample is its
+  outer product (the default). `scale` plays the role of the official `hessian_update_scale`;
+  `scale = 1/√N` adds the sample exactly as the batch normalisation would. B and `num_data` are left
+  unchanged (the official code also rescales A and B by √n/√(n+1) and adds the new sample's B term; that is
+  not reproduced, see DEVIATIONS.md).
 
   Args:
     factors: finalised factors, A of shape [p, p].
     features: [d_in] or [k, d_in] new inputs (without the bias column; `add_bias` appends it).
     scale: non-negative multiplier.
     add_bias: augment φ with a 1, as the factors were built.
+    product: "outer" (default, the KFAC term) or "inner" (the official code's).
   """
+  if product not in RANK_ONE_PRODUCTS:
+    raise ValueError(f"product={product!r}; expected one of {RANK_ONE_PRODUCTS}")
   features = jnp.atleast_2d(jnp.asarray(features, factors.a.dtype))
   if add_bias:
     features = augment_features(features)
@@ -451,6 +479,8 @@ def rank_one_update(
     raise ValueError(
       f"scale={scale}; expected >= 0 (a negative update would break positive semi-definiteness)"
     )
+  if product == "inner":
+    return factors._replace(a=factors.a + scale * jnp.sum(features * features))
   return factors._replace(a=factors.a + scale * features.T @ features)
 
 

@@ -368,6 +368,7 @@ def select(
   knn_metric: str = "cosine",
   rounds: int = 1,
   hessian_update_scale: float = 1.0,
+  hessian_update_product: str = "outer",
   online_lr: float = 1e-5,
   online_weight_decay: float = 5e-2,
   online_steps: int = 1,
@@ -384,6 +385,8 @@ def select(
     epig_targets: EPIG averages over a random subset of this many targets per round (None: all).
     mesh: score EPIG data-parallel over this mesh (`acquisition_scores`); the selection equals one
       device's up to ties broken by float rounding.
+    hessian_update_product: the online update of A, `laplace.rank_one_update(product=)`: "outer" (the KFAC
+      term) or "inner" (the official code's scalar ‖φ‖² on every entry).
 
   Raises:
     ValueError: empty pool, budget outside [1, pool size], bad k, unknown method/selection.
@@ -450,7 +453,7 @@ def select(
                                 epochs=online_steps, batch_size=32)
       if len(new_idx):
         factors = laplace.rank_one_update(factors, pool["pre_projection"][new_idx], scale=hessian_update_scale,
-                                          add_bias=head.add_bias)
+                                          add_bias=head.add_bias, product=hessian_update_product)
   return Selection(np.asarray(chosen, np.int64), np.asarray(round_of, np.int64))
 
 

@@ -162,6 +162,7 @@ def run_active_learning(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dic
           pool_offset=pool_offset, targets=targets, budget=max_budget, selection=cfg["selection"],
           knn_k=cfg["knn_k"], knn_metric=cfg["knn_metric"], rounds=cfg["rounds"],
           hessian_update_scale=cfg["hessian_update_scale"], online_lr=cfg["online_lr"],
+          hessian_update_product=cfg.get("hessian_update_product", "outer"),
           num_samples=cfg["al_num_samples"], epig_targets=cfg["epig_targets"], mesh=mesh, **settings)
         selections[f"{acq}/seed{seed}"] = sel.indices.tolist()
         for budget in sorted(cfg["budgets"]):
@@ -171,7 +172,8 @@ def run_active_learning(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dic
           head, updated, final_loss = head0, factors["img"], 0.0
           if len(usable):
             updated = laplace.rank_one_update(factors["img"], pool["pre_projection"][usable],
-                                              scale=cfg["hessian_update_scale"], add_bias=head0.add_bias)
+                                              scale=cfg["hessian_update_scale"], add_bias=head0.add_bias,
+                                              product=cfg.get("hessian_update_product", "outer"))
             head, final_loss = active.finetune_head(
               head0, pool["pre_projection"][usable], pool_offset[usable], pool["labels"][usable], problem,
               jax.random.fold_in(key_tune, budget), learning_rate=cfg["finetune_lr"],

@@ -55,7 +55,7 @@ def estimate(cfg: dict, config, params, tokenizer, output_dir: str | os.PathLike
     params, config, pairs, tokenizer=tokenizer, num_pairs=num_pairs, class_batch_size=class_batch,
     batch_size=batch, seed=cfg["hessian_seed"], checkpoint_dir=output_dir / "partial",
     checkpoint_every=cfg["checkpoint_every"], num_threads=cfg["num_threads"], progress=cfg["progress"],
-    model_fingerprint=model_fingerprint, mesh=mesh)
+    model_fingerprint=model_fingerprint, mesh=mesh, la_batch_size=cfg.get("la_batch_size"))
   n = float(cfg["pseudo_data_count"])
   for tower in vlm.TOWERS:
     _, lam = vlm.tower_posterior(factors[tower], params, config, tower, pseudo_data_count=n,

@@ -173,6 +173,7 @@ def estimate_pair_factors(
   progress: bool = True,
   model_fingerprint: str | None = None,
   mesh: jax.sharding.Mesh | None = None,
+  la_batch_size: int | None = None,
 ) -> tuple[dict[str, laplace.KFACFactors], dict[str, Any]]:
   """KFAC factors {"img", "txt"} of both projections over `num_pairs` pairs (all if None).
 
@@ -187,6 +188,10 @@ def estimate_pair_factors(
     mesh: run data-parallel over this mesh's "data" axis (see the module docstring); `batch_size` is then
       the global forward batch and must be a multiple of the data axis size and of the process count.
       None: one device.
+    la_batch_size: None (default): every pair counts in A, B and N. An int reproduces the official
+      `kfac_ggn` (AaltoML/BayesVLM `--la_batch_size`): a trailing partial class batch is dropped, and inside
+      each class batch B sums over whole data batches of `la_batch_size` pairs only (the leftover pairs
+      still count in A and N; `laplace.kfac_update(b_batch_size=)`). One device only (mesh=None).
 
   Returns:
     ({"img": KFACFactors, "txt": KFACFactors}, info: num_pairs, class_batch_size, likelihood, dims).
@@ -202,6 +207,14 @@ def estimate_pair_factors(
                       ("checkpoint_every", checkpoint_every), ("kfac_chunk", kfac_chunk)):
     if not isinstance(value, (int, np.integer)) or value <= 0:
       raise ValueError(f"{name}={value!r}; expected a positive integer")
+  if la_batch_size is not None:
+    if isinstance(la_batch_size, bool) or not isinstance(la_batch_size, (int, np.integer)) or la_batch_size <= 0:
+      raise ValueError(f"la_batch_size={la_batch_size!r}; expected a positive integer or None")
+    if mesh is not None:
+      raise ValueError("la_batch_size (the official code's B batching) runs on one device; pass mesh=None")
+    if num_pairs < class_batch_size:
+      raise ValueError(f"la_batch_size: the official code needs at least class_batch_size={class_batch_size} "
+                       f"pairs (it drops a partial class batch), got num_pairs={num_pairs}")
   likelihood = vlm.likelihood_of(params)
   logit_scale = float(np.asarray(params["logit_scale"]))
   logit_bias = vlm.logit_bias_of(params)
@@ -216,9 +229,13 @@ def estimate_pair_factors(
     "class_batch_size": int(class_batch_size),
     "seed": int(seed),
   }
+  if la_batch_size is not None:  # only then: the fingerprints of default runs stay as they were
+    settings["la_batch_size"] = int(la_batch_size)
   fingerprint = _fingerprint(settings)
   order = np.random.default_rng(seed).permutation(total)[:num_pairs]
-  num_batches = -(-num_pairs // class_batch_size)
+  # The official code drops a trailing partial class batch (floor); ours keeps it (ceil).
+  num_batches = -(-num_pairs // class_batch_size) if la_batch_size is None else num_pairs // class_batch_size
+  official_b = {} if la_batch_size is None else {"b_batch_size": int(la_batch_size)}
 
   states = {t: laplace.kfac_init(dims[t][0], dims[t][1], add_bias=add_bias[t]) for t in vlm.TOWERS}
   first_batch = 0
@@ -270,6 +287,7 @@ def estimate_pair_factors(
           logit_bias=logit_bias,
           add_bias=add_bias[tower],
           chunk_size=kfac_chunk,
+          **official_b,
         )
       done = index + 1
       if directory is not None and (done % checkpoint_every == 0 or done == num_batches):
@@ -284,6 +302,7 @@ def estimate_pair_factors(
     "num_pairs": num_pairs,
     "class_batch_size": int(class_batch_size),
     "num_class_batches": num_batches,
+    "la_batch_size": la_batch_size,
     "likelihood": likelihood,
     "seed": int(seed),
     "pairs": pairs.name,
