@@ -3,6 +3,8 @@
 import functools
 import importlib.util
 import math
+import pathlib
+import pickle
 import sys
 from unittest import mock
 
@@ -560,6 +562,45 @@ class EvidenceTest(parameterized.TestCase):
       laplace.fit_prior_precision(post, w_sq, bounds=(1.0, 0.5))
 
 
+def write_torch_zip(path, array, *, transposed=False, pickle_bytes=None):
+  """Writes `array` (float32) as `torch.save` does (zip format version 3), with the standard library only.
+
+  The data.pkl opcodes are those of the official BayesVLM factor files (`pickletools.dis` of
+  hessians/hessian_CLIP-ViT-B-32-laion2B-s34B-b79K/B_img_analytic.pt in AaltoML/BayesVLM): protocol 2,
+  GLOBAL torch._utils._rebuild_tensor_v2 applied to (persistent id ("storage", torch.FloatStorage, "0",
+  "cpu", numel), storage offset, size, stride, False, OrderedDict()); the memo (BINPUT) opcodes are left out
+  and every int is a 4-byte BININT. Entries: <name>/data.pkl, <name>/byteorder ("little"), <name>/data/0 (raw
+  little-endian storage), <name>/version ("3\\n"), <name>/.data/serialization_id. `transposed`: the storage holds arrayᵀ and the stride reads it back transposed.
+  `pickle_bytes`: replaces data.pkl (to test what the reader refuses).
+  """
+  import struct
+  import zipfile
+
+  array = np.asarray(array, np.float32)
+  storage = np.ascontiguousarray(array.T if transposed else array)
+  stride = tuple(s // 4 for s in (storage.T.strides if transposed else storage.strides))
+
+  def text(value):
+    raw = value.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+  def ints(values):  # TUPLE1..3 as torch writes them (MARK ... TUPLE beyond)
+    body = b"".join(b"J" + struct.pack("<i", v) for v in values)
+    return body + bytes([0x84 + len(values)]) if 1 <= len(values) <= 3 else b"(" + body + b"t"
+
+  data_pkl = pickle_bytes if pickle_bytes is not None else (
+    b"\x80\x02" + b"ctorch._utils\n_rebuild_tensor_v2\n"
+    + b"((" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") + b"J" + struct.pack("<i", storage.size)
+    + b"tQ" + b"K\x00" + ints(array.shape) + ints(stride) + b"\x89" + b"ccollections\nOrderedDict\n)R" + b"tR.")
+  name = pathlib.Path(path).stem
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+    archive.writestr(f"{name}/data.pkl", data_pkl)
+    archive.writestr(f"{name}/byteorder", "little")
+    archive.writestr(f"{name}/data/0", storage.astype("<f4").tobytes())
+    archive.writestr(f"{name}/version", "3\n")
+    archive.writestr(f"{name}/.data/serialization_id", "0" * 40)
+
+
 class SerialisationTest(parameterized.TestCase):
   def test_orbax_round_trip(self):
     import tempfile
@@ -588,18 +629,45 @@ class SerialisationTest(parameterized.TestCase):
       with pytest.raises(FileNotFoundError):
         laplace.load_factors(f"{tmp}/missing")
 
-  def test_official_import_refuses_pickles_by_default(self):
-    with pytest.raises(ValueError, match="allow_pickle=True"):
-      laplace.import_official_factors("/nonexistent")
+  def test_official_import_without_torch_reads_the_official_format(self):
+    """The success path with torch unimportable: factor files in the official format written by hand
+    (`write_torch_zip`), one of them a transposed (non-contiguous) tensor, read back exactly."""
+    import json
+    import tempfile
 
-  def test_official_import_without_torch_says_so(self):
-    # A None entry in sys.modules makes `import torch` raise ImportError, whether or not torch is installed.
-    with mock.patch.dict(sys.modules, {"torch": None}):
-      with pytest.raises(ImportError, match="PyTorch"):
-        laplace.import_official_factors("/nonexistent", allow_pickle=True)
+    rng = np.random.default_rng(5)
+    arrays = {f"{m}_{t}": _random_psd(rng, 4 if m == "A" else 3).astype(np.float32) for m in "AB" for t in ("img", "txt")}
+    arrays["B_txt"] = (arrays["B_txt"] + np.triu(np.ones((3, 3), np.float32))).astype(np.float32)  # not symmetric
+    info = {"lambda_img": 1.5, "n_img": 10, "lambda_txt": 2.5, "n_txt": 10}
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(sys.modules, {"torch": None}):
+      for name, arr in arrays.items():
+        write_torch_zip(f"{tmp}/{name}_analytic.pt", arr, transposed=name == "B_txt")
+      with open(f"{tmp}/prior_precision_analytic.json", "w") as f:
+        json.dump(info, f)
+      factors, got_info = laplace.import_official_factors(tmp)
+    self.assertEqual(got_info, info)
+    for tag in ("img", "txt"):
+      np.testing.assert_array_equal(np.asarray(factors[tag].a), arrays[f"A_{tag}"])
+      np.testing.assert_array_equal(np.asarray(factors[tag].b), arrays[f"B_{tag}"])
+      self.assertTrue(np.isnan(float(factors[tag].num_data)))
 
-  @pytest.mark.skipif(not HAS_TORCH, reason="needs torch to write and read the official .pt files")
-  def test_official_import_happy_path(self):
+  def test_torch_reader_runs_no_pickled_code(self):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+      path = f"{tmp}/evil.pt"
+      write_torch_zip(path, np.eye(2, dtype=np.float32), pickle_bytes=b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.")
+      with pytest.raises(pickle.UnpicklingError, match="refusing the pickled global os.system"):
+        laplace.read_torch_tensor(path)
+      with open(f"{tmp}/plain.pt", "wb") as f:
+        f.write(b"not a zip")
+      with pytest.raises(ValueError, match="not a torch.save zip archive"):
+        laplace.read_torch_tensor(f"{tmp}/plain.pt")
+      with pytest.raises(FileNotFoundError, match="A_img_analytic.pt nor A_img.pt"):
+        laplace.import_official_factors(tmp)
+
+  @pytest.mark.skipif(not HAS_TORCH, reason="needs torch to write the .pt files with torch.save itself")
+  def test_official_import_of_torch_save_files(self):
     import json
     import tempfile
 
@@ -617,7 +685,12 @@ class SerialisationTest(parameterized.TestCase):
       info = {"lambda_img": 1.5, "n_img": 10, "lambda_txt": 2.5, "n_txt": 10}
       with open(f"{tmp}/prior_precision_analytic.json", "w") as f:
         json.dump(info, f)
-      factors, got_info = laplace.import_official_factors(tmp, allow_pickle=True)
+      factors, got_info = laplace.import_official_factors(tmp)
+      # The stdlib writer of the torch-free test writes files torch itself loads (strided one included).
+      write_torch_zip(f"{tmp}/by_hand.pt", arrays["B_txt"], transposed=True)
+      by_hand = torch.load(f"{tmp}/by_hand.pt", weights_only=True)
+      self.assertFalse(by_hand.is_contiguous())
+      np.testing.assert_array_equal(by_hand.numpy(), arrays["B_txt"])
     self.assertEqual(got_info, info)
     for tag in ("img", "txt"):
       chex.assert_trees_all_close(factors[tag].a, arrays[f"A_{tag}"], atol=0.0)

@@ -33,10 +33,14 @@ for SigLIP), plus 2·C·D² once per `kfac_update` call.
 
 from __future__ import annotations
 
+import collections
 import functools
+import io
 import json
 import math
 import pathlib
+import pickle
+import zipfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -828,33 +832,82 @@ def load_factors(directory: str | pathlib.Path) -> tuple[dict[str, KFACFactors],
 _OFFICIAL_TAGS = ("img", "txt")
 
 
-def import_official_factors(
-  directory: str | pathlib.Path, *, allow_pickle: bool = False
-) -> tuple[dict[str, KFACFactors], dict[str, Any]]:
+# torch's legacy storage class names (still written by torch.save) -> NumPy dtypes.
+_TORCH_STORAGE_DTYPES = {
+  "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+  "BFloat16Storage": jnp.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+}
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_unused) -> np.ndarray:
+  """torch._utils._rebuild_tensor_v2 on a NumPy storage: the strided view at `offset`, copied."""
+  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                         strides=tuple(s * storage.itemsize for s in stride), writeable=False)
+  return np.array(view)
+
+
+def read_torch_tensor(path: str | pathlib.Path) -> np.ndarray:
+  """One tensor saved by `torch.save` (the zip format of torch >= 1.6, as the official factor files), read
+  without torch and without running pickled code.
+
+  The archive's `data.pkl` is unpickled with a restricted unpickler that resolves only the globals of a plain
+  tensor (`torch._utils._rebuild_tensor_v2`, torch's `*Storage` types, `collections.OrderedDict`) and refuses
+  every other one; storages are read from `data/<key>` in the archive's byte order.
+
+  Raises:
+    ValueError: not a torch zip archive, or it holds something other than one tensor of a known dtype.
+    pickle.UnpicklingError: the pickle names any other global (e.g. a code-running payload).
+  """
+  path = pathlib.Path(path)
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"{path} is not a torch.save zip archive (the legacy non-zip format is not supported)")
+  with zipfile.ZipFile(path) as archive:
+    names = archive.namelist()
+    pickles = [n for n in names if n.endswith("data.pkl")]
+    if len(pickles) != 1:
+      raise ValueError(f"{path}: expected one data.pkl in the archive, found {pickles}")
+    prefix = pickles[0][: -len("data.pkl")]
+    byteorder = archive.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in names else "little"
+    if byteorder not in ("little", "big"):
+      raise ValueError(f"{path}: unknown byte order {byteorder!r}")
+
+    class _TensorUnpickler(pickle.Unpickler):
+      def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+          return _rebuild_tensor
+        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+          return _TORCH_STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+          return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{path}: refusing the pickled global {module}.{name} (only plain tensors are "
+                                     "read)")
+
+      def persistent_load(self, pid: Any) -> np.ndarray:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+          raise pickle.UnpicklingError(f"{path}: unknown persistent id {pid!r}")
+        _, dtype, key, _location, numel = pid
+        dtype = np.dtype(dtype).newbyteorder("<" if byteorder == "little" else ">")
+        return np.frombuffer(archive.read(f"{prefix}data/{key}"), dtype, count=int(numel))
+
+    tensor = _TensorUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+  if not isinstance(tensor, np.ndarray):
+    raise ValueError(f"{path}: expected one tensor, got {type(tensor).__name__}")
+  return tensor.astype(tensor.dtype.newbyteorder("="))
+
+
+def import_official_factors(directory: str | pathlib.Path) -> tuple[dict[str, KFACFactors], dict[str, Any]]:
   """Imports the official BayesVLM repository's factor files.
 
   Reads `A_img[_analytic].pt`, `B_img[_analytic].pt`, `A_txt[_analytic].pt`, `B_txt[_analytic].pt` (torch
   tensors, already divided by √N; A over the projection input, B over the embedding, as here) and
-  `prior_precision[_analytic].json` (keys `lambda_img`, `n_img`, `lambda_txt`, `n_txt`). `.pt` files are
-  pickles that can run arbitrary code when loaded, so this needs `allow_pickle=True` (trusted files only) and
-  torch. N is not stored in those files: `num_data` is NaN.
+  `prior_precision[_analytic].json` (keys `lambda_img`, `n_img`, `lambda_txt`, `n_txt`). The .pt files are
+  read by `read_torch_tensor`: no torch needed, and no pickled code runs. N is not stored in those files:
+  `num_data` is NaN.
 
   Returns:
     ({"img": KFACFactors, "txt": KFACFactors}, info dict from the json, {} if absent).
   """
   directory = pathlib.Path(directory)
-  if not allow_pickle:
-    raise ValueError(
-      f"importing the official factors from {directory} loads torch pickles (.pt), which can execute "
-      "arbitrary code; pass allow_pickle=True only for files you trust"
-    )
-  try:
-    import torch  # noqa: PLC0415 - optional dependency, only for this importer.
-  except ImportError as err:
-    raise ImportError(
-      "import_official_factors needs PyTorch to read the official .pt files "
-      "(pip install torch), or convert them to safetensors/numpy first"
-    ) from err
 
   def find(stem: str) -> pathlib.Path:
     for name in (f"{stem}_analytic.pt", f"{stem}.pt"):
@@ -863,8 +916,7 @@ def import_official_factors(
     raise FileNotFoundError(f"neither {stem}_analytic.pt nor {stem}.pt in {directory}")
 
   def load(stem: str) -> Array:
-    tensor = torch.load(find(stem), map_location="cpu", weights_only=False)
-    return jnp.asarray(tensor.detach().to(torch.float32).numpy())
+    return jnp.asarray(read_torch_tensor(find(stem)).astype(np.float32))
 
   factors = {
     tag: KFACFactors(load(f"A_{tag}"), load(f"B_{tag}"), jnp.asarray(jnp.nan, jnp.float32))
