@@ -12,8 +12,8 @@ FLAGS = flags.FLAGS
 
 HESSIAN_KEYS = ("checkpoint", "tokenizer", "captions", "captions_split", "image_key", "caption_key", "data_dir",
                 "num_pairs", "class_batch_size", "hessian_batch_size", "hessian_seed", "checkpoint_every",
-                "pseudo_data_count", "evidence_mode", "lambda_solver", "la_batch_size", "runlocal", "progress",
-                "num_threads")
+                "pseudo_data_count", "evidence_mode", "lambda_solver", "la_batch_size", "runlocal",
+                "progress", "num_threads")
 ZEROSHOT_KEYS = ("dataset", "eval_split", "source", "factors_dir", "prior_precision", "predictive", "num_samples",
                  "eval_batch_size", "max_examples", "feature_cache_dir", "label_cache_dir", "probcosine_logit_bias")
 ACTIVE_KEYS = ("pool_dataset", "pool_split", "pool_size", "pool_sources", "target_classes", "target_dataset",
@@ -48,8 +48,9 @@ def define_hessian_flags() -> None:
                     "Laplace evidence for λ: corrected, or faithful to the official code.")
   flags.DEFINE_enum("lambda_solver", "optimum", ["optimum", "official_adam"],
                     "Fitting λ: to the evidence's maximiser, or the official 300-step Adam from λ = 400.")
-  flags.DEFINE_integer("la_batch_size", None, "Official KFAC B batching (BayesVLM's --la_batch_size): drop a "
-                       "partial class batch and, from B only, each class batch's pairs beyond a multiple of this.")
+  flags.DEFINE_integer("la_batch_size", None,
+                       "Official KFAC B batching (BayesVLM's --la_batch_size): drop a partial class batch "
+                       "and, from B only, each class batch's pairs beyond a multiple of this.")
   flags.DEFINE_bool("runlocal", False, "Smoke run: a 192-pair generated corpus, tiny batches (seconds); writes "
                     "to a fresh directory under runs/runlocal/, never into --output_dir / --run_dir.")
   flags.DEFINE_bool("progress", True, "Show progress bars (only on a terminal: off when output is redirected).")
@@ -106,7 +107,8 @@ def define_active_flags() -> None:
   flags.DEFINE_integer("rounds", 1, "Online rounds (1: offline); each round updates W, A and λ.")
   flags.DEFINE_float("hessian_update_scale", 1.0, "Scale of the online KFAC update A += s·Σφφᵀ.")
   flags.DEFINE_enum("hessian_update_product", "outer", ["outer", "inner"],
-                    "Online update of A: outer products φφᵀ, or the official inner product ‖φ‖² on every entry.")
+                    "Online update of A: outer products φφᵀ, or the official inner product ‖φ‖² on every "
+                    "entry.")
   flags.DEFINE_float("online_lr", 1e-5, "AdamW learning rate of the online gradient step.")
   flags.DEFINE_float("finetune_lr", 1e-5, "AdamW learning rate of the final fine-tuning.")
   flags.DEFINE_float("finetune_weight_decay", 5e-2, "AdamW weight decay of the final fine-tuning.")

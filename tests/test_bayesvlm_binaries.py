@@ -160,8 +160,8 @@ def test_pair_factors_match_brute_force_ggn_and_resume(tiny, tmp_path):
     np.testing.assert_allclose(factors[tower].b, b_sum / math.sqrt(n), rtol=1e-3, atol=1e-4)
   # The official switch: BayesVLM's kfac_ggn (transliterated in tests/test_laplace.py) with la_batch_size=3 on
   # the same pairs in the same order drops the trailing 4 pairs and, in each class batch of 8, 2 pairs from B.
-  official, official_info = hessian.estimate_pair_factors(params, config, hessian.CaptionPairs(_Store(n), name="mem"),
-                                                          la_batch_size=3, **kwargs)
+  official, official_info = hessian.estimate_pair_factors(
+      params, config, hessian.CaptionPairs(_Store(n), name="mem"), la_batch_size=3, **kwargs)
   assert official_info["num_class_batches"] == 2 and official_info["la_batch_size"] == 3
   for tower, phi, g, other in (("img", img_out["pre_projection"], g_img, g_txt),
                                ("txt", txt_out["pre_projection"], g_txt, g_img)):
@@ -171,8 +171,8 @@ def test_pair_factors_match_brute_force_ggn_and_resume(tiny, tmp_path):
     np.testing.assert_allclose(official[tower].b, b, rtol=1e-3, atol=1e-4)
     assert float(official[tower].num_data) == 16
   with pytest.raises(ValueError, match="one device"):
-    hessian.estimate_pair_factors(params, config, hessian.CaptionPairs(_Store(n), name="mem"), la_batch_size=3,
-                                  mesh=object(), **kwargs)
+    hessian.estimate_pair_factors(params, config, hessian.CaptionPairs(_Store(n), name="mem"),
+                                  la_batch_size=3, mesh=object(), **kwargs)
   # Interrupted after the first class batch (8 pairs = 8 reads), resumed from the checkpoint: same factors.
   ckpt = tmp_path / "partial"
   with pytest.raises(RuntimeError, match="simulated crash"):
@@ -450,7 +450,12 @@ def test_online_selection_ignores_picks_outside_the_label_set(tiny):
   # The official update's switch reaches the online update of A (tests/test_laplace.py checks its algebra).
   products = []
   real = laplace.rank_one_update
-  with mock.patch.object(laplace, "rank_one_update", lambda *a, **k: products.append(k["product"]) or real(*a, **k)):
+
+  def recording(*args, **kwargs):
+    products.append(kwargs["product"])
+    return real(*args, **kwargs)
+
+  with mock.patch.object(laplace, "rank_one_update", recording):
     active.select("entropy", jax.random.key(1), rounds=3, hessian_update_product="inner",
                   **{**common, "pool": {**pool, "labels": rng.integers(0, 3, 40)}})
   assert products == ["inner", "inner"]

@@ -118,7 +118,8 @@ def official_kfac_ggn(source_embeds, source_activations, target_embeds, num_clas
     sig = 1 / (1 + np.exp(-logits * labels))
     weights = scale**2 * sig * (1 - sig)  # [B, N_y]
     hess = np.einsum("ij,jk,jl->ikl", weights, y_hat, y_hat)
-    norm_jac = np.eye(x.shape[1])[None] / x_norm[:, :, None] - x[:, :, None] * x[:, None, :] / x_norm[:, :, None] ** 3
+    outer_x = x[:, :, None] * x[:, None, :]
+    norm_jac = np.eye(x.shape[1])[None] / x_norm[:, :, None] - outer_x / x_norm[:, :, None] ** 3
     return np.einsum("ijk,ikl,ilm->jm", norm_jac, hess, norm_jac)
 
   num_class_batches = len(target_embeds) // num_classes
@@ -218,8 +219,8 @@ class KFACTest(chex.TestCase):
 
   @parameterized.parameters("infonce", "siglip")
   def test_b_batch_size_is_the_official_kfac_ggn(self, likelihood):
-    """`b_batch_size` = the official `la_batch_size`: class batches of 7 cut into data batches of 3, so one row
-    per class batch adds to A and N but not to B (the official code). The default counts it in B too."""
+    """`b_batch_size` = the official `la_batch_size`: class batches of 7 cut into data batches of 3, so one
+    row per class batch adds to A and N but not to B (the official code). The default counts it in B too."""
     class_batch, la_batch_size, num_batches = 7, 3, 3
     with jax.enable_x64(True):
       phi, kernel, _, residual, _ = _problem(11, num=class_batch * num_batches, feat_dim=5, embed_dim=4)
@@ -244,12 +245,13 @@ class KFACTest(chex.TestCase):
     assert np.max(np.abs(np.asarray(ours.b) - official[1])) > 0.05 * np.max(np.abs(official[1]))  # B: not
     # A class batch smaller than la_batch_size adds nothing to B (the official loop runs zero data batches).
     tiny = laplace.kfac_update(laplace.kfac_init(5, 4, add_bias=kwargs["add_bias"]), jnp.asarray(phi[:2]),
-                               jnp.asarray(source[:2]), jnp.asarray(targets[:2]), 1.3, b_batch_size=3, **kwargs)
+                               jnp.asarray(source[:2]), jnp.asarray(targets[:2]), 1.3, b_batch_size=3,
+                               **kwargs)
     np.testing.assert_array_equal(np.asarray(tiny.b_sum), 0.0)
     self.assertEqual(int(tiny.num_data), 2)
     with pytest.raises(ValueError, match="b_batch_size=0"):
-      laplace.kfac_update(laplace.kfac_init(5, 4), jnp.asarray(phi), jnp.asarray(source), jnp.asarray(targets),
-                          1.3, b_batch_size=0)
+      laplace.kfac_update(laplace.kfac_init(5, 4), jnp.asarray(phi), jnp.asarray(source),
+                          jnp.asarray(targets), 1.3, b_batch_size=0)
 
   def test_factors_are_psd(self):
     phi, kernel, _, _, targets = _problem(6, num=40, feat_dim=8, embed_dim=6, classes=30)
@@ -570,7 +572,8 @@ def write_torch_zip(path, array, *, transposed=False, pickle_bytes=None):
   GLOBAL torch._utils._rebuild_tensor_v2 applied to (persistent id ("storage", torch.FloatStorage, "0",
   "cpu", numel), storage offset, size, stride, False, OrderedDict()); the memo (BINPUT) opcodes are left out
   and every int is a 4-byte BININT. Entries: <name>/data.pkl, <name>/byteorder ("little"), <name>/data/0 (raw
-  little-endian storage), <name>/version ("3\\n"), <name>/.data/serialization_id. `transposed`: the storage holds arrayᵀ and the stride reads it back transposed.
+  little-endian storage), <name>/version ("3\\n"), <name>/.data/serialization_id.
+  `transposed`: the storage holds arrayᵀ and the stride reads it back transposed.
   `pickle_bytes`: replaces data.pkl (to test what the reader refuses).
   """
   import struct
@@ -590,8 +593,10 @@ def write_torch_zip(path, array, *, transposed=False, pickle_bytes=None):
 
   data_pkl = pickle_bytes if pickle_bytes is not None else (
     b"\x80\x02" + b"ctorch._utils\n_rebuild_tensor_v2\n"
-    + b"((" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") + b"J" + struct.pack("<i", storage.size)
-    + b"tQ" + b"K\x00" + ints(array.shape) + ints(stride) + b"\x89" + b"ccollections\nOrderedDict\n)R" + b"tR.")
+    + b"((" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu")
+    + b"J" + struct.pack("<i", storage.size) + b"tQ"  # the persistent id, then BINPERSID
+    + b"K\x00" + ints(array.shape) + ints(stride) + b"\x89"  # offset, size, stride, requires_grad
+    + b"ccollections\nOrderedDict\n)R" + b"tR.")
   name = pathlib.Path(path).stem
   with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
     archive.writestr(f"{name}/data.pkl", data_pkl)
@@ -636,8 +641,9 @@ class SerialisationTest(parameterized.TestCase):
     import tempfile
 
     rng = np.random.default_rng(5)
-    arrays = {f"{m}_{t}": _random_psd(rng, 4 if m == "A" else 3).astype(np.float32) for m in "AB" for t in ("img", "txt")}
-    arrays["B_txt"] = (arrays["B_txt"] + np.triu(np.ones((3, 3), np.float32))).astype(np.float32)  # not symmetric
+    arrays = {f"{m}_{t}": _random_psd(rng, 4 if m == "A" else 3).astype(np.float32)
+              for m in "AB" for t in ("img", "txt")}
+    arrays["B_txt"] = arrays["B_txt"] + np.triu(np.ones((3, 3), np.float32))  # not symmetric: order matters
     info = {"lambda_img": 1.5, "n_img": 10, "lambda_txt": 2.5, "n_txt": 10}
     with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(sys.modules, {"torch": None}):
       for name, arr in arrays.items():
@@ -656,7 +662,8 @@ class SerialisationTest(parameterized.TestCase):
 
     with tempfile.TemporaryDirectory() as tmp:
       path = f"{tmp}/evil.pt"
-      write_torch_zip(path, np.eye(2, dtype=np.float32), pickle_bytes=b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.")
+      payload = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R."  # os.system("true")
+      write_torch_zip(path, np.eye(2, dtype=np.float32), pickle_bytes=payload)
       with pytest.raises(pickle.UnpicklingError, match="refusing the pickled global os.system"):
         laplace.read_torch_tensor(path)
       with open(f"{tmp}/plain.pt", "wb") as f:

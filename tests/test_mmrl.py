@@ -372,7 +372,8 @@ def test_vamp_mmrl_samples_kl_and_loss_equal_a_python_loop(world, case, vamp_cas
   for s in range(2):
     for b in range(3):
       z = ref["rep_text"] + mean[:, b] + np.exp(0.5 * log_var[:, b]) * eps[s, :, b]
-      texts[s, b] = text_features(clip_params, state.token_embeddings, state.pool_index, jnp.asarray(z, jnp.float32))
+      z = jnp.asarray(z, jnp.float32)
+      texts[s, b] = text_features(clip_params, state.token_embeddings, state.pool_index, z)
       chex.assert_trees_all_close(output.logits[s, b], scale * texts[s, b] @ ref["image"][b], atol=2e-4)
       chex.assert_trees_all_close(output.aux_logits[s, b], scale * texts[s, b] @ ref["rep_image"][b], atol=2e-4)
   prior_mean, prior_log_var = learner_tests.vamp_prior_numpy(params, np.asarray(world["prototypes"])[LABELS],

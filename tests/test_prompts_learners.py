@@ -337,7 +337,8 @@ def test_mpl_vision_prompts_grow_then_are_carried(world):
 # ------------------------------------------------------------------------------------------ Bayesian
 
 
-def bp_clip_vpt_posterior(params: dict, image: np.ndarray, conditioning: str) -> tuple[np.ndarray, np.ndarray]:
+def bp_clip_vpt_posterior(params: dict, image: np.ndarray,
+                          conditioning: str) -> tuple[np.ndarray, np.ndarray]:
   """(mean, log_var) of BPL's residual in float64, transliterated from BP_CLIP's trainers/vpt_ove_pg.py and
   vpt_cocoop_ove_pg.py (MingyuKim87/BP_CLIP), not from bayesprompt: "coopvpt" reads the free parameters
   (`mean_posterior` and `std_posterior`, the latter used as a log-variance: `logvar.exp().sqrt()`);
@@ -394,7 +395,8 @@ def vamp_prior_numpy(params: dict, prototypes: np.ndarray, n_tokens: int) -> tup
   depth = p["prior"]["linear1"]["kernel"].shape[0]  # H prompted layers
   means, log_vars = [], []
   for i in range(depth):
-    out = _per_layer_mlp(p["prior"], i, np.asarray(prototypes, np.float64)).reshape(len(prototypes), n_tokens, -1)
+    out = _per_layer_mlp(p["prior"], i, np.asarray(prototypes, np.float64))
+    out = out.reshape(len(prototypes), n_tokens, -1)
     width = out.shape[-1] // 2
     means.append(out[..., :width])
     log_vars.append(out[..., width:])
@@ -415,8 +417,10 @@ def vamp_image_features_numpy(world: dict, params: dict, first_layer: int, tmp_p
   weights = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
   images = np.asarray(world["images"]).transpose(0, 3, 1, 2)
   deep = {first_layer + h: vision_prompts[h] for h in range(1, len(vision_prompts))}
-  features, _ = clip_reference.encode_image(weights, images, config.vision.heads, config.vision.act == "quick_gelu",
-                                            appended_prompts={first_layer: vision_prompts[0]}, deep_prompts=deep)
+  appended = {first_layer: vision_prompts[0]}
+  features, _ = clip_reference.encode_image(weights, images, config.vision.heads,
+                                            config.vision.act == "quick_gelu", appended_prompts=appended,
+                                            deep_prompts=deep)
   return features / np.linalg.norm(features, axis=-1, keepdims=True)
 
 
@@ -430,7 +434,8 @@ def test_vpt_samples_equal_a_python_loop_and_log_mean_exp(world, key):
   state = learner.prepare_classes(clip_params, CLASSNAMES)
   params = learner.init(jax.random.key(0), clip_params, state)
   if "posterior" in params:  # the official init has μ = 0: move it so that a swapped (μ, ℓ) shows
-    params["posterior"]["mean"] = 0.3 * jax.random.normal(jax.random.key(8), params["posterior"]["mean"].shape)
+    shape = params["posterior"]["mean"].shape
+    params["posterior"]["mean"] = 0.3 * jax.random.normal(jax.random.key(8), shape)
   rng = jax.random.key(7)
   output = jit_apply(learner, params, clip_params, state, world["images"], rng, train=True)
   num_samples = learner.num_samples(True)
@@ -481,8 +486,9 @@ def test_vamp_kl_equals_closed_form_and_monte_carlo(world):
   params = learner.init(jax.random.key(0), clip_params, state)
   output = jit_apply(learner, params, clip_params, state, world["images"], jax.random.key(1), True, LABELS)
   frozen = clip.normalize(clip.encode_image(clip_params, world["images"], config=config))
-  mean, log_var = vamp_posterior_numpy(params, frozen, learner.n_tokens)  # [H, B, M, W], NumPy from the params
-  prior_mean, prior_log_var = vamp_prior_numpy(params, np.asarray(world["prototypes"])[LABELS], learner.n_tokens)
+  mean, log_var = vamp_posterior_numpy(params, frozen, learner.n_tokens)  # [H, B, M, W], NumPy
+  prototypes = np.asarray(world["prototypes"])[LABELS]
+  prior_mean, prior_log_var = vamp_prior_numpy(params, prototypes, learner.n_tokens)
   # The library's own networks, used by the last check below, equal these.
   for got, want in zip((*jax.jit(learner.posterior)(params, frozen),
                         *jax.jit(learner.prior)(params, world["prototypes"][LABELS])),
@@ -531,8 +537,8 @@ def test_vamp_samples_equal_a_python_loop_over_the_whole_text_tower(world, tmp_p
     for b in range(3):
       z = mean[:, b] + np.exp(0.5 * log_var[:, b]) * eps[s, :, b]  # [H, M, W]
       text = text_features(clip_params, state.token_embeddings, state.pool_index, jnp.asarray(z, jnp.float32))
-      np.testing.assert_allclose(np.asarray(output.logits[s, b]), scale * image[b] @ np.asarray(text, np.float64).T,
-                                 atol=5e-4)
+      expected = scale * image[b] @ np.asarray(text, np.float64).T
+      np.testing.assert_allclose(np.asarray(output.logits[s, b]), expected, atol=5e-4)
   unshared = make(world, "vamp", share_text_prefix=False)
   chex.assert_trees_all_close(jit_apply(unshared, params, clip_params, state, world["images"], rng, True, LABELS).logits,
                               output.logits, atol=1e-5)

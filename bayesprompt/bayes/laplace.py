@@ -867,7 +867,8 @@ def read_torch_tensor(path: str | pathlib.Path) -> np.ndarray:
     if len(pickles) != 1:
       raise ValueError(f"{path}: expected one data.pkl in the archive, found {pickles}")
     prefix = pickles[0][: -len("data.pkl")]
-    byteorder = archive.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in names else "little"
+    has_order = prefix + "byteorder" in names
+    byteorder = archive.read(prefix + "byteorder").decode().strip() if has_order else "little"
     if byteorder not in ("little", "big"):
       raise ValueError(f"{path}: unknown byte order {byteorder!r}")
 
@@ -879,8 +880,8 @@ def read_torch_tensor(path: str | pathlib.Path) -> np.ndarray:
           return _TORCH_STORAGE_DTYPES[name]
         if (module, name) == ("collections", "OrderedDict"):
           return collections.OrderedDict
-        raise pickle.UnpicklingError(f"{path}: refusing the pickled global {module}.{name} (only plain tensors are "
-                                     "read)")
+        raise pickle.UnpicklingError(f"{path}: refusing the pickled global {module}.{name} "
+                                     "(only plain tensors are read)")
 
       def persistent_load(self, pid: Any) -> np.ndarray:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):

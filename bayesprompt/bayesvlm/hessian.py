@@ -208,7 +208,8 @@ def estimate_pair_factors(
     if not isinstance(value, (int, np.integer)) or value <= 0:
       raise ValueError(f"{name}={value!r}; expected a positive integer")
   if la_batch_size is not None:
-    if isinstance(la_batch_size, bool) or not isinstance(la_batch_size, (int, np.integer)) or la_batch_size <= 0:
+    if isinstance(la_batch_size, bool) or not isinstance(la_batch_size, (int, np.integer)) or (
+        la_batch_size <= 0):
       raise ValueError(f"la_batch_size={la_batch_size!r}; expected a positive integer or None")
     if mesh is not None:
       raise ValueError("la_batch_size (the official code's B batching) runs on one device; pass mesh=None")
