@@ -43,7 +43,7 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star", "purple cross", "orange ring",
               "red square", "blue circle", "green star", "yellow triangle"]
-LEARNER_KWARGS = {"coop": dict(n_ctx=4), "vpt": dict(num_mc_samples=2)}
+LEARNER_KWARGS = {"coop": dict(n_ctx=4), "vpt": dict(num_train_samples=2)}
 
 
 def measure(devices: int, methods: list[str], batch: int, steps: int, rounds: int, warmup: int) -> dict:
@@ -54,9 +54,9 @@ def measure(devices: int, methods: list[str], batch: int, steps: int, rounds: in
 
   sys.path.insert(0, str(REPO_ROOT))
   import bayesprompt.clip as clip
-  from bayesprompt.eval.zeroshot import class_text_features
   from bayesprompt.objectives import make_objective
   from bayesprompt.prompts import make_learner
+  from bayesprompt.prompts.engine import zeroshot_text_features
   from bayesprompt.train import distributed, prompt_trainer
 
   assert jax.device_count() == devices, (jax.devices(), devices)
@@ -66,7 +66,7 @@ def measure(devices: int, methods: list[str], batch: int, steps: int, rounds: in
   images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
   labels = rng.integers(0, len(CLASSNAMES), size=batch).astype(np.int32)
   template = "a photo of a {}."
-  teacher = class_text_features(params, config, clip.get_tokenizer(config), CLASSNAMES, template)
+  teacher = zeroshot_text_features(params, config, CLASSNAMES, template)
   out = {}
   for method in methods:
     if method == "kfac":

@@ -396,7 +396,7 @@ def check_ove_pg(report: Report, sizes: Sizes, seed: int) -> None:
   teacher = (3 * rng.standard_normal((n, classes))).astype(np.float32)
   labels = rng.integers(0, classes, n).astype(np.int32)
   key = jax.random.key(seed + 7)
-  loss, _ = jax.jit(lambda k, f, t, y: ove.ove_pg_loss(k, f, t, y, alpha=alpha, teacher_weight=weight,
+  loss, _ = jax.jit(lambda k, f, t, y: ove.ove_pg_loss(k, f, t, y, prior_precision=alpha, teacher_weight=weight,
                                                        num_samples=samples))(key, logits, teacher, labels)
   with jax.default_device(cpu_device()):  # ε as ove_pg_loss documents it: normal(split(k_eps, M)[m], [n, C])
     _, k_eps = jax.random.split(jax.random.key(seed + 7))

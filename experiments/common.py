@@ -15,6 +15,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 
 from bayesprompt import prompts
+from bayesprompt.data import protocols
 from bayesprompt.errors import UserError
 from bayesprompt.eval import results as results_lib
 from bayesprompt.eval.results import ResultsWriter
@@ -31,10 +32,11 @@ def define_prompt_flags(*, single_variant: bool = True) -> None:
   if single_variant:
     flags.DEFINE_string("method", defaults.method, f"Prompt learner, one of: {', '.join(prompts.methods())}.")
     flags.DEFINE_string("objective", defaults.objective, "Loss plug-in: ce or ove_pg.")
-  flags.DEFINE_enum("protocol", defaults.protocol, list(prompt_run.PROTOCOLS),
-                    "base2new, fewshot, xd (cross-dataset) or dg (domain generalisation).")
+  flags.DEFINE_enum("protocol", defaults.protocol, [*prompt_run.PROTOCOLS, *protocols.RENAMED_PROTOCOLS],
+                    f"One of {', '.join(prompt_run.PROTOCOLS)}; the old names "
+                    f"{', '.join(protocols.RENAMED_PROTOCOLS)} still work, with a warning.")
   flags.DEFINE_string("dataset", defaults.dataset, "Registry name of the (source) dataset.")
-  flags.DEFINE_list("targets", [], "xd/dg target datasets (default: the protocol's list).")
+  flags.DEFINE_list("targets", [], "cross_dataset / domain_generalization targets (default: the protocol's).")
   flags.DEFINE_list("extra_eval_datasets", [], "More test sets evaluated under the same protocol (e.g. shifts).")
   flags.DEFINE_string("checkpoint", defaults.checkpoint,
                       "CLIP checkpoint: open_clip / transformers directory, .safetensors file, or a name ('sandbox').")

@@ -7,8 +7,8 @@ The project's main job:
 trains each method in --methods with CE and with the one-vs-each Pólya-Gamma objective (arXiv 2504.14123) in
 each mode of --ove_modes ("corrected": exact PG moments, κ = +½; "faithful": the official code's behaviour), for
 every seed, evaluates on the protocol's test splits and prints one table (mean ± std over seeds), also written as
-results.{md,csv,json} in --run_dir. Objective options (alpha, teacher_weight, num_samples, omega_source) go in
---objective_hparams as key=value.
+results.{md,csv,json} in --run_dir. Objective options (prior_precision, teacher_weight, num_samples,
+omega_source) go in --objective_hparams as key=value.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@ r"""Train and evaluate a prompt learner under one of the field's protocols.
   python -m experiments.prompt_learning --flagfile=experiments/flags/coop_sandbox.flags
   python -m experiments.prompt_learning --method=maple --protocol=base2new --dataset=oxford_pets \
       --checkpoint=/path/to/ViT-B-16 --data_dir=~/tensorflow_datasets --seeds=1,2,3
-  python -m experiments.prompt_learning --eval_only --dataset=dtd --protocol=fewshot \
+  python -m experiments.prompt_learning --eval_only --dataset=dtd --protocol=few_shot \
       --run_dir=runs/base2new_sandbox_shapes_<digest>/coop_ce/seed1   # one seed's directory, as printed
-  python -m experiments.prompt_learning --method=coop --protocol=fewshot --num_shots=16 \
+  python -m experiments.prompt_learning --method=coop --protocol=few_shot --num_shots=16 \
       --dataset=oxford_pets --source=folder --data_dir=$DATA   # CoOp's split files and few-shot images
 
 Learner hyper-parameters go in --hparams as key=value pairs (e.g. --hparams=n_ctx=4 --hparams=ctx_init="a photo of

@@ -22,7 +22,8 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-LAYERS = {"errors": 0, "clip": 0, "bayes": 0, "prompts": 1, "objectives": 1, "data": 2, "train": 3, "eval": 3, "bayesvlm": 4}
+LAYERS = {"errors": 0, "options": 0, "clip": 0, "bayes": 0, "prompts": 1, "objectives": 1, "data": 2, "train": 3,
+          "eval": 3, "bayesvlm": 4}
 EXPERIMENTS_LAYER = 5
 # Same-layer packages that must stay independent of each other (layer 0 is the floor everybody builds on).
 INDEPENDENT = {frozenset({"clip", "bayes"}), frozenset({"errors", "bayes"})}

@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from bayesprompt.data import get_dataset, pipeline, preprocess, protocols, resolve_classnames, sources
+from bayesprompt.prompts import engine
 from tests.conftest import REPO_ROOT, binary_module
 
 FOLDER_DATASETS = ("oxford_pets", "caltech101", "ucf101", "fgvc_aircraft")
@@ -591,7 +592,7 @@ def word_checkpoint(tmp_path_factory):
   words = {"x", "a", "photo", "of"}
   for name in FOLDER_DATASETS:
     spec = get_dataset(name)
-    for prompt in protocols.render_prompts(resolve_classnames(spec), spec.template):
+    for prompt in engine.render_prompts(resolve_classnames(spec), spec.template):
       words.update(re.findall(r"[^\s.,]+", prompt.lower()))
   directory = tmp_path_factory.mktemp("word_clip") / "clip"
   tokenizer = WordTokenizer(sorted(words))
@@ -644,7 +645,7 @@ def _check_run(run_dir, root, dataset, splits):
     pytest.param(
       "experiments.ove_pg",
       "ucf101",
-      "fewshot",
+      "few_shot",
       ["--methods=coop", "--with_ce=false", "--ove_modes=corrected"],
       id="ove_pg-ucf101",
     ),

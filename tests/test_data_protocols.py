@@ -8,6 +8,7 @@ import pytest
 
 from bayesprompt.data import protocols, sources
 from bayesprompt.data.registry import Carve
+from bayesprompt.prompts import engine
 
 
 @pytest.mark.parametrize("num_classes", [2, 3, 10, 37, 47, 101, 397, 1000])
@@ -171,10 +172,10 @@ def test_labeled_split_relabel_and_select():
 
 
 def test_render_prompts_templates():
-  assert protocols.render_prompts(
+  assert engine.render_prompts(
     ["american_pit_bull_terrier", "pug"], "a photo of a {}, a type of pet."
   ) == ["a photo of a american pit bull terrier, a type of pet.", "a photo of a pug, a type of pet."]
-  assert protocols.render_prompts(["banded"], "{} texture.") == ["banded texture."]
+  assert engine.render_prompts(["banded"], "{} texture.") == ["banded texture."]
 
 
 @pytest.mark.parametrize(
@@ -182,18 +183,18 @@ def test_render_prompts_templates():
 )
 def test_render_prompts_rejects_bad_templates(template):
   with pytest.raises(ValueError, match="exactly one"):
-    protocols.render_prompts(["dog"], template)
+    engine.render_prompts(["dog"], template)
 
 
 def test_render_prompts_rejects_bad_class_lists():
   with pytest.raises(ValueError, match="empty"):
-    protocols.render_prompts([], "a photo of a {}.")
+    engine.render_prompts([], "a photo of a {}.")
   with pytest.raises(ValueError, match="duplicate class name 'sea lion'"):
-    protocols.render_prompts(["sea lion", "dog", "sea_lion"], "a photo of a {}.")  # equal after cleaning
+    engine.render_prompts(["sea lion", "dog", "sea_lion"], "a photo of a {}.")  # equal after cleaning
   with pytest.raises(ValueError, match="non-blank"):
-    protocols.render_prompts(["dog", "  "], "a photo of a {}.")
+    engine.render_prompts(["dog", "  "], "a photo of a {}.")
   with pytest.raises(TypeError, match="single str"):
-    protocols.render_prompts("dog", "a photo of a {}.")
+    engine.render_prompts("dog", "a photo of a {}.")
 
 
 def test_shots_must_be_the_fields_choices():

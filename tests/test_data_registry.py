@@ -138,3 +138,17 @@ def test_register_conflict_and_bad_class_lists():
     data.resolve_classnames(dataclasses.replace(spec, name="empty_toy", classnames=()))
   with pytest.raises(ValueError, match="duplicate class name 'dog' at positions 0 and 2"):
     data.check_classnames(["dog", "cat", "dog"])
+
+
+def test_splits_are_named_from_the_one_benchmark_split_list():
+  """`DatasetSpec.splits` keys and the Dassl split-file lists share `registry.BENCHMARK_SPLITS`; another key
+  (a TFDS split name used as a benchmark split by mistake) is refused at construction."""
+  from bayesprompt.data import registry, sources
+
+  assert registry.BENCHMARK_SPLITS == ("train", "val", "test")
+  assert sources.BENCHMARK_SPLITS is registry.BENCHMARK_SPLITS
+  for name in data.dataset_names():
+    assert set(data.get_dataset(name).splits) <= set(registry.BENCHMARK_SPLITS), name
+  with pytest.raises(ValueError, match="'oops': splits must map some of .* got keys \\['test', 'validation'\\]"):
+    registry.DatasetSpec(name="oops", tfds_name="x", splits={"validation": "validation", "test": "test"},
+                         classnames=["a", "b"])

@@ -39,10 +39,10 @@ CASES = {
     "cocoop+ce": ("cocoop", dict(), "ce"),
     "maple+ce": ("maple", dict(depth=2), "ce"),
     "mpl+ce": ("mpl", dict(depth=2), "ce"),
-    "vpt+ce": ("vpt", dict(num_mc_samples=2), "ce"),
+    "vpt+ce": ("vpt", dict(num_train_samples=2), "ce"),
     "vamp+ce": ("vamp", dict(n_tokens=2, first_layer=1, depth=2, num_train_samples=2, num_test_samples=2), "ce"),
     "coop+ove_pg": ("coop", dict(n_ctx=4), "ove_pg"),
-    "vpt+ove_pg": ("vpt", dict(num_mc_samples=2), "ove_pg"),
+    "vpt+ove_pg": ("vpt", dict(num_train_samples=2), "ove_pg"),
 }
 
 
@@ -75,8 +75,8 @@ def make_world(tmp_dir: pathlib.Path) -> dict:
 def make_case(world: dict, name: str):
   """(learner, objective, optimizer, class_state, teacher_text, initial TrainState) of one case."""
   from bayesprompt import prompts
-  from bayesprompt.eval.zeroshot import class_text_features
   from bayesprompt.objectives import make_objective
+  from bayesprompt.prompts.engine import zeroshot_text_features
   from bayesprompt.train import prompt_trainer
 
   method, hparams, objective_name = CASES[name]
@@ -87,7 +87,8 @@ def make_case(world: dict, name: str):
   prototypes = world["prototypes"] if learner.needs_class_prototypes else None
   class_state = learner.prepare_classes(world["params"], CLASSNAMES, templates=[TEMPLATE],
                                         class_prototypes=prototypes)
-  teacher_text = class_text_features(world["params"], world["config"], world["tokenizer"], CLASSNAMES, TEMPLATE)
+  teacher_text = zeroshot_text_features(world["params"], world["config"], CLASSNAMES, TEMPLATE,
+                                        tokenizer=world["tokenizer"])
   state = prompt_trainer.create_train_state(learner, optimizer, 0, world["params"], class_state)
   return learner, objective, optimizer, class_state, teacher_text, state
 

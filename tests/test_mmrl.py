@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 # K representation tokens; prompted blocks FIRST..FIRST+DEPTH-1 of the 3-layer text / 4-layer vision towers.
 K, FIRST, DEPTH = 2, 1, 2
-HPARAMS = dict(n_tokens=K, first_layer=FIRST, depth=DEPTH, alpha=0.7, reg_weight=0.6)
+HPARAMS = dict(n_tokens=K, first_layer=FIRST, depth=DEPTH, class_head_weight=0.7, reg_weight=0.6)
 VAMP_HPARAMS = dict(HPARAMS, num_train_samples=2, num_test_samples=3)
 _JITTED = {}
 
@@ -151,7 +151,7 @@ def case(world):
 def test_defaults_are_the_recipe_scaled_to_the_tower(world):
   b16 = prompts.make_learner("mmrl", clip.get_config("vit_b16"))
   assert list(b16.prompted_layers) == list(range(5, 12))  # 1-based layers 6..12
-  assert (b16.n_tokens, b16.rep_dim, b16.alpha, b16.reg_weight) == (5, 512, 0.7, 1.0)
+  assert (b16.n_tokens, b16.rep_dim, b16.class_head_weight, b16.reg_weight) == (5, 512, 0.7, 1.0)
   assert b16.rep_proj_init == "frozen"
   four_layers = dict(width=128, layers=4, heads=2, mlp_dim=512)  # the sandbox model's shape
   sandbox = prompts.make_learner("mmrl", clip.CLIPConfig(
@@ -217,7 +217,7 @@ def test_decoupled_inference_fuses_training_classes_only(world, case):
   marked = np.array([True, False, True, False])
   test = jit_apply(learner, params, clip_params, case["state"].replace(is_train_class=jnp.asarray(marked)),
                    world["images"], None, False)
-  alpha = learner.alpha
+  alpha = learner.class_head_weight
   fused = alpha * np.asarray(output.logits) + (1 - alpha) * np.asarray(output.aux_logits)
   expected = np.where(marked, fused, np.asarray(output.logits))
   chex.assert_trees_all_close(test.logits, expected, atol=1e-5)
@@ -231,7 +231,7 @@ def test_decoupled_inference_fuses_training_classes_only(world, case):
 def test_loss_equals_the_formula_with_ce_and_ove_pg(world, case):
   output, ref, learner, scale = case["output"], case["reference"], case["learner"], case["scale"]
   labels = np.asarray(LABELS)
-  alpha, lam = learner.alpha, learner.reg_weight
+  alpha, lam = learner.class_head_weight, learner.reg_weight
   class_logits, rep_logits = scale * ref["image"] @ ref["text"].T, scale * ref["rep_image"] @ ref["text"].T
   regulariser = lam * (1 - np.mean(np.sum(ref["image"] * case["frozen_image"], -1))) + lam * (
       1 - np.mean(np.sum(ref["text"] * case["zeroshot_text"], -1)))
@@ -382,7 +382,7 @@ def test_vamp_mmrl_samples_kl_and_loss_equal_a_python_loop(world, case, vamp_cas
   kl = np.log(sp / sq) + (sq**2 + (mean - prior_mean) ** 2) / (2 * sp**2) - 0.5  # [H, B, K, W]
   kl = kl.mean(axis=(2, 3)).sum(0).mean()
   chex.assert_trees_all_close(output.kl, kl, rtol=1e-4, atol=1e-5)
-  lam, alpha = learner.reg_weight, learner.alpha
+  lam, alpha = learner.reg_weight, learner.class_head_weight
   regulariser = lam * (1 - np.mean(np.sum(ref["image"] * case["frozen_image"], -1))) + lam * (
       1 - np.mean(np.sum(texts * case["zeroshot_text"], -1)))
   chex.assert_trees_all_close(output.aux_loss, regulariser, atol=1e-5)
@@ -404,8 +404,9 @@ def test_vamp_mmrl_jitted_train_step_with_ce(world, case, vamp_case):
 def test_bad_input_raises_clear_errors(world, case):
   config, clip_params = world["config"], world["params"]
   for method in ("mmrl", "vamp_mmrl"):
-    with pytest.raises(ValueError, match=f"{method}: alpha must be a number in \\[0.0, 1.0\\], got 1.5"):
-      prompts.make_learner(method, config, alpha=1.5)
+    message = f"{method}: class_head_weight must be a number in \\[0.0, 1.0\\], got 1.5"
+    with pytest.raises(ValueError, match=message):
+      prompts.make_learner(method, config, class_head_weight=1.5)
     with pytest.raises(ValueError, match=f"{method}: reg_weight must be a number >= 0.0, got -1"):
       prompts.make_learner(method, config, reg_weight=-1)
     with pytest.raises(ValueError, match=f"{method}: prompted layers 2..3 .* exceed the text tower's 3 layers"):

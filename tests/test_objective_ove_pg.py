@@ -19,12 +19,12 @@ def test_samples_average_the_pure_loss():
   logits = rng.normal(size=(3, 4, 6)) * 5  # S = 3 learner samples
   teacher = rng.normal(size=(4, 6)) * 5
   labels = jnp.asarray([0, 5, 2, 2])
-  objective = make_objective("ove_pg", alpha=1.0, teacher_weight=0.2, mode="corrected")
+  objective = make_objective("ove_pg", prior_precision=1.0, teacher_weight=0.2, mode="corrected")
   key = jax.random.key(1)
   loss, metrics = objective(_Output(logits, kl=3.0), labels, key, jnp.asarray(teacher), default_kl_weight=0.5)
   keys = jax.random.split(key, 3)
   expected = np.mean([ove.ove_pg_loss(k, jnp.asarray(z, jnp.float32), jnp.asarray(teacher, jnp.float32), labels,
-                                      alpha=1.0, teacher_weight=0.2)[0] for k, z in zip(keys, logits, strict=True)])
+                                      prior_precision=1.0, teacher_weight=0.2)[0] for k, z in zip(keys, logits, strict=True)])
   np.testing.assert_allclose(loss, expected + 0.5 * 3.0, rtol=1e-5)
   assert {"loss", "nll", "teacher_reg", "train_accuracy"} <= set(metrics)
   grad = jax.grad(lambda z: objective(_Output(z), labels, key, jnp.asarray(teacher))[0])(jnp.asarray(logits))
@@ -50,13 +50,22 @@ def test_needs_teacher():
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "official"}, "unknown OVE-PG mode 'official'"),
     ({"omega_source": "mean"}, "unknown omega_source 'mean'"),
-    ({"alpha": -1.0}, "alpha .* must be >= 0, got -1.0"),
+    ({"prior_precision": -1.0}, "prior_precision .* must be >= 0, got -1.0"),
     ({"teacher_weight": -0.1}, "teacher_weight .* must be >= 0, got -0.1"),
     ({"num_samples": 0}, "num_samples .* >= 1, got 0"),
 ])
 def test_bad_options(kwargs, message):
   with pytest.raises(ValueError, match=message):
     make_objective("ove_pg", **kwargs)
+
+
+def test_old_alpha_key_sets_prior_precision_with_a_warning():
+  """Flagfiles and stored run configs written before the rename (`alpha=`) still run, and say so."""
+  with pytest.warns(FutureWarning, match="'alpha' is renamed 'prior_precision'"):
+    objective = make_objective("ove_pg", alpha=1.7, teacher_weight=0.3)
+  assert objective == make_objective("ove_pg", prior_precision=1.7, teacher_weight=0.3)
+  with pytest.raises(TypeError, match="both 'alpha' .* and 'prior_precision'"):
+    make_objective("ove_pg", alpha=1.0, prior_precision=1.0)
 
 
 # ------------------------------------------------------------------ faithful = the official trainer of the learner
@@ -146,7 +155,8 @@ def test_faithful_is_the_official_trainer_of_the_learner(method):
   teacher[0, 1] = -25.0  # a clipped teacher OVE logit (> 20) and negative ones: the official "PG mean" quirks
   labels = np.asarray([0, 2, 2, 4], np.int32)
   key = jax.random.key(3)
-  objective = make_objective("ove_pg", mode="faithful", alpha=1.3, teacher_weight=0.2, num_samples=draws)
+  objective = make_objective("ove_pg", mode="faithful", prior_precision=1.3, teacher_weight=0.2,
+                             num_samples=draws)
   with jax.enable_x64(True):
     if vpt:
       eps = np.stack([np.asarray(jax.random.normal(k, (num_mc, n, num_classes - 1), jnp.float64))

@@ -197,7 +197,7 @@ class LossTest(parameterized.TestCase):
     teacher = teacher if with_teacher else None
     weight = 0.2 if with_teacher else 0.0
     rng = jax.random.key(11)
-    loss, aux = ove.ove_pg_loss(rng, jnp.asarray(logits), teacher, jnp.asarray(labels), alpha=1.5,
+    loss, aux = ove.ove_pg_loss(rng, jnp.asarray(logits), teacher, jnp.asarray(labels), prior_precision=1.5,
                                 teacher_weight=weight, num_samples=M, omega_source=omega_source)
     psi0_source = teacher if (with_teacher and omega_source != "posterior_gibbs") else logits
     psi0_full = full_differences(psi0_source, labels)
@@ -215,7 +215,7 @@ class LossTest(parameterized.TestCase):
     rng = jax.random.key(5)
     eps, _ = reference_noise(rng, 4, 3, 2, "prior_mean", None, jnp.float32)
     expected = official_loss_numpy(logits, teacher, labels, eps, alpha=1.0, lambda_1=0.2)
-    kwargs = dict(alpha=1.0, teacher_weight=0.2, num_samples=2)
+    kwargs = dict(prior_precision=1.0, teacher_weight=0.2, num_samples=2)
     faithful, _ = ove.ove_pg_loss(rng, logits, teacher, labels, mode="faithful", **kwargs)
     corrected, _ = ove.ove_pg_loss(rng, logits, teacher, labels, mode="corrected", **kwargs)
     self.assertAlmostEqual(float(faithful), expected, delta=1e-5)
@@ -269,7 +269,7 @@ class LossTest(parameterized.TestCase):
 
     @jax.jit
     def loss(labels, alpha):
-      return ove.ove_pg_loss(jax.random.key(0), logits, teacher, labels, alpha=alpha)[0]
+      return ove.ove_pg_loss(jax.random.key(0), logits, teacher, labels, prior_precision=alpha)[0]
 
     self.assertTrue(bool(jnp.isfinite(loss(jnp.asarray([0, 1, 2, 3]), 1.0))))
     self.assertTrue(bool(jnp.isnan(loss(jnp.asarray([0, 1, 5, 3]), 1.0))))
@@ -340,7 +340,7 @@ class BadInputTest(parameterized.TestCase):
         (dict(labels=np.asarray([0, -1, 1, 2])), r"labels\[1\] = -1"),
         (dict(logits=logits[:, :1], teacher=teacher[:, :1]), "C = 1"),
         (dict(num_samples=0), "num_samples.*0"),
-        (dict(alpha=-1.0), "alpha = -1.0"),
+        (dict(prior_precision=-1.0), "prior_precision = -1.0"),
         (dict(teacher_weight=-0.1), "teacher_weight = -0.1"),
         (dict(teacher=None), "teacher_logits is None but teacher_weight = 0.2"),
         (dict(omega_source="prior_sample", mode="faithful"), "omega_source must be 'prior_mean'"),
@@ -357,7 +357,7 @@ class BadInputTest(parameterized.TestCase):
         ove.ove_pg_loss(key, args["logits"], args["teacher"], args["labels"], **options)
     with self.assertRaisesRegex(TypeError, "labels must be integers"):
       ove.one_vs_each_log_likelihood(logits, labels.astype(np.float32))
-    with self.assertRaisesRegex(ValueError, "alpha = -2.0"):
+    with self.assertRaisesRegex(ValueError, "prior_precision = -2.0"):
       ove.pg_posterior(jnp.zeros(3), -2.0, jnp.ones(3))
 
   def test_empty_batch_and_negative_omega(self):

@@ -31,7 +31,7 @@ def official_kappa_full(labels, num_classes):
   return out
 
 
-def plain_ove_pg_loss(rng, logits, teacher, labels, *, alpha=1.0, teacher_weight=0.2, num_samples=1,
+def plain_ove_pg_loss(rng, logits, teacher, labels, *, prior_precision=1.0, teacher_weight=0.2, num_samples=1,
                       omega_source="prior_mean", mode="corrected", official_kappa=None):
   """The OVE-PG loss with plain jnp ops and autodiff, same random numbers as `ove.ove_pg_loss`.
 
@@ -62,8 +62,8 @@ def plain_ove_pg_loss(rng, logits, teacher, labels, *, alpha=1.0, teacher_weight
   omega = jax.lax.stop_gradient(omega)
   eps = jax.vmap(lambda key: jax.random.normal(key, (n, num_classes), dtype))(
       jax.random.split(key_eps, num_samples))  # (vmapped rbg keys draw other bits than one by one)
-  precision = omega + alpha
-  sample = (alpha * psi + kappa) / precision + jnp.sqrt(1.0 / precision) * eps
+  precision = omega + prior_precision
+  sample = (prior_precision * psi + kappa) / precision + jnp.sqrt(1.0 / precision) * eps
   nll = -jnp.sum(jnp.where(is_pair, jax.nn.log_sigmoid(sample), 0.0)) / (num_samples * n)
   teacher_reg = jnp.zeros((), dtype) if teacher is None else jnp.mean(jnp.square(logits - teacher))
   omega_pairs = jnp.where(is_pair, omega, 0.0)
@@ -142,7 +142,7 @@ class CustomDerivativeTest(parameterized.TestCase):
       for loss_fn, extra in ((ove.ove_pg_loss, {}),
                              (plain_ove_pg_loss, {"official_kappa": official_kappa_full(labels, C)})):
         def loss(f, alpha, loss_fn=loss_fn, extra=extra):
-          return loss_fn(key, f, teacher, labels, alpha=alpha, **options, **extra)
+          return loss_fn(key, f, teacher, labels, prior_precision=alpha, **options, **extra)
 
         results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(logits, 1.3))
       ((value, aux), grads), ((value_ref, aux_ref), grads_ref) = results
@@ -190,7 +190,8 @@ class CustomDerivativeTest(parameterized.TestCase):
       logits, teacher, labels = random_batch(batch_seed)
 
       def loss(f, alpha):
-        return ove.ove_pg_loss(jax.random.key(key_seed), f, teacher, labels, alpha=alpha, num_samples=2,
+        return ove.ove_pg_loss(jax.random.key(key_seed), f, teacher, labels, prior_precision=alpha,
+                               num_samples=2,
                                mode="faithful")[0]
 
       check_grads(loss, (logits, jnp.asarray(alpha)), order=order, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)

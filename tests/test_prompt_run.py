@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import bayesprompt.clip as clip
+from bayesprompt.data import protocols
 from bayesprompt.data.sandbox import model as sandbox_model
 from bayesprompt.errors import UserError
 from bayesprompt.objectives import make_objective
@@ -161,6 +162,20 @@ def test_rerun_without_resume_is_refused_and_a_finished_run_is_read_back(cfg, un
   assert (run_dir / "metrics.jsonl").read_text() == metrics  # never a second run's metrics in the file
 
 
+def test_protocol_names_have_one_spelling_and_the_old_ones_warn():
+  """The prompt run's protocols are the data layer's (less zero-shot "all"); the old flag names still run."""
+  assert prompt_run.PROTOCOLS == ("base2new", "few_shot", "cross_dataset", "domain_generalization")
+  for old, new in (("fewshot", "few_shot"), ("xd", "cross_dataset"), ("dg", "domain_generalization")):
+    with pytest.warns(FutureWarning, match=f"protocol '{old}' is renamed '{new}'"):
+      assert prompt_run.PromptRunConfig(protocol=old).protocol == new
+    with pytest.warns(FutureWarning, match=f"protocol '{old}' is renamed '{new}'"):
+      assert protocols.canonical_protocol(old) == new
+  with pytest.raises(ValueError, match="unknown protocol 'fewshots'"):
+    prompt_run.PromptRunConfig(protocol="fewshots")
+  with pytest.raises(ValueError, match="protocol 'all' is zero-shot evaluation"):
+    prompt_run.PromptRunConfig(protocol="all")
+
+
 def test_evaluate_trained_on_the_same_and_on_other_classes(cfg, uninterrupted):
   run_dir, results = uninterrupted
   # Oracle: the run's own evaluation of the same splits (same params, same subset) - exact.
@@ -168,7 +183,7 @@ def test_evaluate_trained_on_the_same_and_on_other_classes(cfg, uninterrupted):
                                      max_eval_examples=cfg.max_eval_examples, progress=False)
   assert same == results
   # Another class list: all 64 classes (twice the classes it was trained on), no retraining.
-  other = prompt_run.evaluate_trained(run_dir, dataset="sandbox_shapes", protocol="fewshot", max_eval_examples=40,
+  other = prompt_run.evaluate_trained(run_dir, dataset="sandbox_shapes", protocol="few_shot", max_eval_examples=40,
                                       progress=False)
   assert list(other) == ["all"]
   metrics = other["all"]

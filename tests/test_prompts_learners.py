@@ -90,8 +90,8 @@ LEARNERS = {
     "cocoop": dict(),
     "maple": dict(depth=2),
     "mpl": dict(depth=2),
-    "vpt": dict(num_mc_samples=3),
-    "vpt_cocoop": dict(conditioning="cocoop", num_mc_samples=2),
+    "vpt": dict(num_train_samples=3),
+    "vpt_cocoop": dict(conditioning="cocoop", num_train_samples=2),
     "vamp": dict(n_tokens=2, first_layer=1, depth=2, num_train_samples=2, num_test_samples=3),
 }
 
@@ -597,6 +597,24 @@ def test_jitted_step_reaches_exactly_the_learner_params_and_transfers_to_new_cla
 
 
 # ------------------------------------------------------------------------------------------ bad input
+
+
+def test_renamed_hyper_parameters_still_work_with_a_warning(world):
+  """Every learner's old hparam keys (flagfiles, stored run configs) build the same learner as the new field,
+  with a FutureWarning naming the new key; old and new together are refused."""
+  config = world["config"]
+  renamed = {(method, old, new) for method in prompts.methods()
+             for old, new in prompts.learner_class(method).renamed_hparams.items()}
+  assert {("mmrl", "alpha", "class_head_weight"), ("vamp_mmrl", "alpha", "class_head_weight"),
+          ("vpt", "num_mc_samples", "num_train_samples")} <= renamed
+  for method, old, new in sorted(renamed):
+    value = {"class_head_weight": 0.4, "num_train_samples": 3}[new]
+    with pytest.warns(FutureWarning, match=f"{method} hyper-parameter '{old}' is renamed '{new}'"):
+      learner = prompts.make_learner(method, config, **{old: value})
+    assert learner == prompts.make_learner(method, config, **{new: value})
+    assert getattr(learner, new) == value
+    with pytest.raises(TypeError, match=f"both '{old}' .* and '{new}'"):
+      prompts.make_learner(method, config, **{old: value, new: value})
 
 
 def test_bad_input_raises_clear_errors(world):

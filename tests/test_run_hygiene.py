@@ -156,7 +156,7 @@ def test_run_dir_and_eval_only_help_state_what_they_need():
   from experiments import common
 
   with pytest.raises(UserError, match=r"<run_dir>/<variant>/seed<N>"):
-    common.evaluate_run_dir(None, dataset="sandbox_shapes", protocol="fewshot", data_dir=None,
+    common.evaluate_run_dir(None, dataset="sandbox_shapes", protocol="few_shot", data_dir=None,
                             max_eval_examples=None)
   out = _binary("prompt_learning", "--helpshort")
   assert "seed<N>" in out.stdout and "digest of the" in out.stdout, out.stdout

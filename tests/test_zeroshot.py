@@ -21,6 +21,8 @@ from bayesprompt import clip
 from bayesprompt.clip.tokenizer import WordTokenizer
 from bayesprompt.data import get_dataset, preprocess, protocols, resolve_classnames
 from bayesprompt.eval import zeroshot
+from bayesprompt.prompts import engine
+from bayesprompt.prompts.engine import zeroshot_text_features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET = "oxford_pets"
@@ -35,7 +37,7 @@ def model(fixtures_dir):
 @pytest.fixture(scope="module")
 def word_tokenizer_path(tmp_path_factory):
   spec = get_dataset(DATASET)
-  prompts = protocols.render_prompts(resolve_classnames(spec), spec.template)
+  prompts = engine.render_prompts(resolve_classnames(spec), spec.template)
   words = sorted({w for p in prompts for w in re.findall(r"[^\s.,]+", p.lower())})
   path = tmp_path_factory.mktemp("tok") / "words.json"
   WordTokenizer(words).to_json(path)
@@ -47,7 +49,7 @@ def test_evaluate_split_matches_per_example_brute_force(model, word_tokenizer_pa
   tokenizer = clip.get_tokenizer(word_tokenizer_path)
   with tfds.testing.mock_data(num_examples=21):
     split = protocols.zero_shot(DATASET, protocol="base2new").evals["new"]
-    text = zeroshot.class_text_features(params, config, tokenizer, split.classnames, split.template)
+    text = zeroshot_text_features(params, config, split.classnames, split.template, tokenizer=tokenizer)
     out = zeroshot.evaluate_split(
       params, config, text, split, batch_size=8, progress=False
     )  # 3 batches, padded
@@ -80,7 +82,7 @@ def test_max_examples_and_class_mismatch(model, word_tokenizer_path):
   tokenizer = clip.get_tokenizer(word_tokenizer_path)
   with tfds.testing.mock_data(num_examples=30):
     split = protocols.zero_shot(DATASET).evals["all"]
-    text = zeroshot.class_text_features(params, config, tokenizer, split.classnames, split.template)
+    text = zeroshot_text_features(params, config, split.classnames, split.template, tokenizer=tokenizer)
     out = zeroshot.evaluate_split(params, config, text, split, batch_size=4, max_examples=5, progress=False)
     assert out["num_examples"] == 5 and out["logits"].shape == (5, 37)
     with pytest.raises(ValueError, match="classifier has 36 classes"):
@@ -92,13 +94,11 @@ def test_max_examples_and_class_mismatch(model, word_tokenizer_path):
 def test_tokenizer_that_does_not_fit_the_checkpoint(model):
   config, params = model
   with pytest.raises(ValueError, match="1000 ids: the tokenizer does not match the checkpoint"):
-    zeroshot.class_text_features(
-      params, config, clip.get_tokenizer("clip_bpe"), ["dog", "cat"], "a photo of a {}."
-    )
+    zeroshot_text_features(params, config, ["dog", "cat"], "a photo of a {}.",
+                           tokenizer=clip.get_tokenizer("clip_bpe"))
   with pytest.raises(ValueError, match="duplicate class name"):
-    zeroshot.class_text_features(
-      params, config, clip.get_tokenizer("clip_bpe"), ["dog", "dog"], "a photo of a {}."
-    )
+    zeroshot_text_features(params, config, ["dog", "dog"], "a photo of a {}.",
+                           tokenizer=clip.get_tokenizer("clip_bpe"))
 
 
 _DRIVER = textwrap.dedent("""
@@ -151,13 +151,13 @@ def test_template_flag_replaces_the_hand_crafted_prompt(fixtures_dir, word_token
   from bayesprompt.eval import zeroshot as zeroshot_lib
 
   seen = []
-  original = zeroshot_lib.class_text_features
+  original = zeroshot_lib.zeroshot_text_features
 
-  def recording(params, config, tok, classnames, template):
+  def recording(params, config, classnames, template, **kwargs):
     seen.append(template)
-    return original(params, config, tok, classnames, template)
+    return original(params, config, classnames, template, **kwargs)
 
-  monkeypatch.setattr(zeroshot_lib, "class_text_features", recording)
+  monkeypatch.setattr(zeroshot_lib, "zeroshot_text_features", recording)
   kwargs = dict(protocol="base2new", data_dir=str(tmp_path / "tfds"), source=None, batch_size=8, max_examples=None,
                 tokenizer=str(word_tokenizer_path), num_threads=1, progress=False)
   with tfds.testing.mock_data(num_examples=24):

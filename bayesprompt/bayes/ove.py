@@ -148,12 +148,13 @@ def one_vs_each_log_likelihood(logits: Array, labels: Array) -> Array:
 # The PG-augmented Gaussian posterior over OVE logits.
 
 
-def pg_posterior(psi_prior_mean: Array, alpha: Any, omega: Array, kappa: Any = 0.5) -> tuple[Array, Array]:
+def pg_posterior(psi_prior_mean: Array, prior_precision: Any, omega: Array,
+                 kappa: Any = 0.5) -> tuple[Array, Array]:
   """Conditional posterior ψ | ω ~ N((α·m + κ)/(ω + α), 1/(ω + α)) under the prior ψ ~ N(m, α⁻¹).
 
   Args:
     psi_prior_mean: m, any shape (e.g. [n, C−1] OVE logits).
-    alpha: prior precision α ≥ 0 (scalar).
+    prior_precision: prior precision α ≥ 0 (scalar).
     omega: Pólya-Gamma variables ω ≥ 0, broadcastable to m.
     kappa: y − ½ of the augmented Bernoulli likelihood (+½ for a true-class pair), broadcastable.
 
@@ -164,10 +165,10 @@ def pg_posterior(psi_prior_mean: Array, alpha: Any, omega: Array, kappa: Any = 0
     ValueError: α < 0, or any ω < 0 or NaN (when concrete; a Pólya-Gamma variable is never negative, and
       ω < −α would give a negative variance). Under jit such values are not checked.
   """
-  _check_nonnegative("alpha", alpha)
+  _check_nonnegative("prior_precision", prior_precision)
   check_nonnegative("omega", omega, "≥ 0 (Pólya-Gamma variables)")
-  precision = omega + alpha
-  return (alpha * psi_prior_mean + kappa) / precision, 1.0 / precision
+  precision = omega + prior_precision
+  return (prior_precision * psi_prior_mean + kappa) / precision, 1.0 / precision
 
 
 def pg_posterior_sample(rng: Array, mean: Array, var: Array, num_samples: int | None = None) -> Array:
@@ -322,7 +323,7 @@ class _LossConfig(NamedTuple):
 
 
 def _pair_pieces(config: _LossConfig, logits, teacher, omega, kappa_positive, labels, noise,
-                 alpha) -> dict[str, Array]:
+                 prior_precision) -> dict[str, Array]:
   """Elementwise pieces of one Monte Carlo sample on the [n, C] pair layout (pair (i, c) at column c ≠ y_i).
 
   Args: as `_ove_pg_terms`, with omega [n, C] (this sample's sampled ω) or None and noise this sample's key
@@ -352,16 +353,16 @@ def _pair_pieces(config: _LossConfig, logits, teacher, omega, kappa_positive, la
       omega = polya_gamma_mean(1, psi_for_omega).astype(dtype)
   omega = jax.lax.stop_gradient(omega)
   eps = _normals_from_key_data(noise[None], logits.shape, dtype)[0] if config.fused_noise else noise
-  precision = omega + alpha
+  precision = omega + prior_precision
   std = jax.lax.rsqrt(precision)
-  sample = (alpha * psi + kappa) / precision + std * eps  # ψ' = μ + σ·ε
+  sample = (prior_precision * psi + kappa) / precision + std * eps  # ψ' = μ + σ·ε
   return dict(psi=psi, is_pair=is_pair, omega=omega, kappa=kappa, eps=eps, precision=precision, std=std,
               sample=sample)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))  # eager callers: one compiled call, not hundreds of ops
-def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise, alpha,
-                       logits_dot=None, teacher_dot=None, alpha_dot=None):
+def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise,
+                       prior_precision, logits_dot=None, teacher_dot=None, prior_precision_dot=None):
   """(nll, teacher_reg, omega_mean, ove_nll) and, given any tangent, their JVP (see `_ove_pg_terms`).
 
   Tangents: None for a zero tangent (a symbolic zero in the JVP rule); all None returns the values only.
@@ -383,9 +384,10 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
   sampled_omega = omega_sampled is not None
 
   def pieces(sample, inputs):
-    logits, teacher, omega, kappa_positive, labels, noise, alpha = inputs
+    logits, teacher, omega, kappa_positive, labels, noise, prior_precision = inputs
     omega = None if omega is None else omega[sample]
-    return _pair_pieces(config, logits, teacher, omega, kappa_positive, labels, noise[sample], alpha)
+    return _pair_pieces(config, logits, teacher, omega, kappa_positive, labels, noise[sample],
+                        prior_precision)
 
   def pair_term(fn, sample=0):
     """inputs → fn(pieces of `sample`, inputs) on the pairs, 0 in column y_i; [n, C]."""
@@ -399,7 +401,7 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
     # ∂(−log σ(ψ'))/∂ψ' = −σ(−ψ'), ∂ψ'/∂ψ = α/(ω + α): the NLL's derivative w.r.t. ψ is −slope.
     return jax.nn.sigmoid(-p["sample"]) * (inputs[-1] / p["precision"])
 
-  def alpha_term(p, inputs):
+  def prior_precision_term(p, inputs):
     # ∂ψ'/∂α = (ψ·ω − κ)/(ω + α)² − ½·ε·(ω + α)^{−3/2}.
     d_sample = (p["psi"] * p["omega"] - p["kappa"]) / jnp.square(p["precision"]) - (
         0.5 * p["eps"] * p["std"] / p["precision"])
@@ -412,11 +414,11 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
     terms[f"omega{sample}"] = pair_term(lambda p, _: p["omega"], sample)
   for sample in range(num_samples):
     terms[f"nll{sample}"] = pair_term(lambda p, _: -jax.nn.log_sigmoid(p["sample"]), sample)
-    if alpha_dot is not None:
-      terms[f"alpha{sample}"] = pair_term(alpha_term, sample)
+    if prior_precision_dot is not None:
+      terms[f"prior_precision{sample}"] = pair_term(prior_precision_term, sample)
     if logits_dot is not None:
       terms[f"slope{sample}"] = pair_term(slope, sample)
-  inputs = (logits, teacher, omega_sampled, kappa_positive, labels, noise, alpha)
+  inputs = (logits, teacher, omega_sampled, kappa_positive, labels, noise, prior_precision)
   branches = [lambda inputs, fn=fn: jnp.sum(fn(inputs), axis=-1) for fn in terms.values()]  # row sums [n]
   rows = jax.lax.map(lambda index: jax.lax.switch(index, branches, inputs), jnp.arange(len(branches)))
   rows = jnp.where(row_mask[None, :], rows, 0.0)  # `where`, not a product: a padded row may hold NaN/inf
@@ -431,7 +433,7 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
   omega_mean = total("omega", omega_draws) / (omega_draws * n * (num_classes - 1))
   teacher_reg = jnp.zeros((), nll.dtype) if teacher is None else jnp.sum(sums["teacher"]) / (n * num_classes)
   primal_out = (nll, teacher_reg, omega_mean, ove_nll)
-  if logits_dot is None and teacher_dot is None and alpha_dot is None:
+  if logits_dot is None and teacher_dot is None and prior_precision_dot is None:
     return primal_out
 
   zero = jnp.zeros((), nll.dtype)
@@ -445,8 +447,8 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
     in_range = ((labels >= 0) & (labels < num_classes) & row_mask)[:, None]
     grad = jnp.where(in_range, jnp.where(is_pair, pair_slope, -row_slope) * scale, 0.0)
     nll_dot = nll_dot + jnp.sum(grad * logits_dot)
-  if alpha_dot is not None:
-    nll_dot = nll_dot + total("alpha", num_samples) * scale * alpha_dot
+  if prior_precision_dot is not None:
+    nll_dot = nll_dot + total("prior_precision", num_samples) * scale * prior_precision_dot
   if teacher is not None:
     residual = jnp.where(row_mask[:, None], (2.0 / (n * num_classes)) * (logits - teacher), 0.0)
     if logits_dot is not None:
@@ -457,14 +459,14 @@ def _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, l
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _ove_pg_terms(config: _LossConfig, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise,
-                  alpha):
+def _ove_pg_terms(config: _LossConfig, logits, teacher, omega_sampled, kappa_positive, labels, row_mask,
+                  noise, prior_precision):
   """(nll, teacher_reg, omega_mean, ove_nll) of `ove_pg_loss`, scalars, with a hand-written derivative.
 
   Args (validated by the caller): logits [n, C]; teacher [n, C] or None; omega_sampled [M, n, C] (sampled ω
   sources) or None; kappa_positive [n, C] bool, where the official κ is +½ (faithful mode), or None; labels
   [n] int; row_mask [n] bool, the rows that count (the others are left out of every mean); noise: threefry
-  key data [M, 2] uint32 (config.fused_noise) or ε [M, n, C]; alpha a scalar of the
+  key data [M, 2] uint32 (config.fused_noise) or ε [M, n, C]; prior_precision a scalar of the
   logits' dtype.
 
   Why a custom derivative: under autodiff XLA keeps ~7 [n, C] intermediates alive (ω, μ, σ, the sigmoid,
@@ -472,17 +474,19 @@ def _ove_pg_terms(config: _LossConfig, logits, teacher, omega_sampled, kappa_pos
   (benchmarks/bench_ove_pg_memory.py), and autodiff of the pass loop in `_ove_pg_terms_impl` would stack
   residuals per pass. Here the gradient w.r.t. the logits is one elementwise expression (+slope on the
   pairs, −Σ_c slope on the true class), recomputed from the inputs. Derivatives: exact w.r.t. logits (any
-  order, forward and reverse: the rule is plain JAX), alpha, and teacher (through teacher_reg only); ω, κ and
-  the ψ⁰ behind ω are constants (stop_gradient), as in the autodiff formulation; omega_mean and ove_nll have
-  zero derivative.
+  order, forward and reverse: the rule is plain JAX), prior_precision, and teacher (through teacher_reg
+  only); ω, κ and the ψ⁰ behind ω are constants (stop_gradient), as in the autodiff formulation; omega_mean
+  and ove_nll have zero derivative.
   """
-  return _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise, alpha)
+  return _ove_pg_terms_impl(config, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise,
+                            prior_precision)
 
 
 @functools.partial(_ove_pg_terms.defjvp, symbolic_zeros=True)
 def _ove_pg_terms_jvp(config, primals, tangents):
-  logits_dot, teacher_dot, *_, alpha_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents)
-  return _ove_pg_terms_impl(config, *primals, logits_dot, teacher_dot, alpha_dot)
+  logits_dot, teacher_dot, *_, prior_precision_dot = (
+      None if isinstance(t, SymbolicZero) else t for t in tangents)
+  return _ove_pg_terms_impl(config, *primals, logits_dot, teacher_dot, prior_precision_dot)
 
 
 def ove_pg_loss(
@@ -491,7 +495,7 @@ def ove_pg_loss(
     teacher_logits: Array | None,
     labels: Array,
     *,
-    alpha: Any = 1.0,
+    prior_precision: Any = 1.0,
     teacher_weight: Any = 0.2,
     num_samples: int = 1,
     omega_source: str = "prior_mean",
@@ -513,7 +517,7 @@ def ove_pg_loss(
     teacher_logits: [n, C] frozen zero-shot logits f⁰ (no gradient), or None — allowed only when λ₁ = 0; ω
       then comes from the prompt model's own ψ (stop_gradient).
     labels: [n] int labels in [0, C).
-    alpha: prior precision α ≥ 0 (paper: 1).
+    prior_precision: prior precision α ≥ 0 (paper: 1).
     teacher_weight: λ₁ ≥ 0 (paper: 0.2); 0 drops the teacher term.
     num_samples: M ≥ 1 reparameterised samples (static).
     omega_source: "prior_mean" | "prior_sample" | "posterior_gibbs" (faithful mode needs "prior_mean").
@@ -531,8 +535,8 @@ def ove_pg_loss(
     scalars.
 
   Raises:
-    ValueError/TypeError: bad shapes/dtypes, n = 0, C < 2, labels outside [0, C) (when concrete), M < 1, unknown
-      omega_source/mode, faithful mode with a sampled ω source, α or λ₁ negative or non-finite (when
+    ValueError/TypeError: bad shapes/dtypes, n = 0, C < 2, labels outside [0, C) (when concrete), M < 1,
+      unknown omega_source/mode, faithful mode with a sampled ω source, α or λ₁ negative or non-finite (when
       concrete), λ₁ > 0 without teacher logits.
   """
   if row_mask is not None:
@@ -541,7 +545,8 @@ def ove_pg_loss(
     row_mask = jnp.asarray(row_mask, bool)
     labels = jnp.where(row_mask, jnp.asarray(labels), 0)  # padded rows' labels are never read
   if np.shape(logits)[:1] == (0,):
-    raise ValueError(f"ove_pg_loss needs at least one example; got logits of shape {np.shape(logits)} (n = 0)")
+    raise ValueError(
+        f"ove_pg_loss needs at least one example; got logits of shape {np.shape(logits)} (n = 0)")
   _check_logits_labels(logits, labels)
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -554,7 +559,7 @@ def ove_pg_loss(
     )
   if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
     raise ValueError(f"num_samples must be an int ≥ 1; got {num_samples!r}")
-  _check_nonnegative("alpha", alpha)
+  _check_nonnegative("prior_precision", prior_precision)
   _check_nonnegative("teacher_weight", teacher_weight)
   if teacher_logits is None:
     weight_np = concrete(teacher_weight)
@@ -601,10 +606,11 @@ def ove_pg_loss(
     noise = key_data
   config = _LossConfig(mode, omega_source, num_samples, key_data is not None)
   nll, teacher_reg, omega_mean, ove_nll = _ove_pg_terms(
-      config, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise, jnp.asarray(alpha, dtype))
+      config, logits, teacher, omega_sampled, kappa_positive, labels, row_mask, noise,
+      jnp.asarray(prior_precision, dtype))
 
   loss = nll if teacher is None else nll + teacher_weight * teacher_reg
   # Traced negative α or λ₁ cannot raise under jit: make the loss NaN instead of silently wrong.
-  loss = jnp.where((jnp.asarray(alpha) >= 0) & (jnp.asarray(teacher_weight) >= 0), loss, jnp.nan)
+  loss = jnp.where((jnp.asarray(prior_precision) >= 0) & (jnp.asarray(teacher_weight) >= 0), loss, jnp.nan)
   aux = {"nll": nll, "teacher_reg": teacher_reg, "omega_mean": omega_mean, "ove_nll": ove_nll}
   return loss, aux

@@ -34,6 +34,7 @@ import tqdm
 from bayesprompt import clip
 from bayesprompt.data import pipeline
 from bayesprompt.data.sources import LabeledSplit
+from bayesprompt.prompts import engine
 
 _FORMAT_VERSION = 1
 
@@ -108,10 +109,12 @@ def text_features(
 def prompt_features(
   params: Any, config: clip.CLIPConfig, tokenizer: Any, classnames: Sequence[str], template: str
 ) -> dict[str, np.ndarray]:
-  """Text features of `template.format(name)` per class: {"pre_projection" [C, d_t], "embeddings" [C, D]}."""
-  from bayesprompt.data.protocols import render_prompts
+  """Text features of `template.format(name)` per class: {"pre_projection" [C, d_t], "embeddings" [C, D]}.
 
-  prompts = render_prompts(classnames, template)
+  BayesVLM's inputs (pre-projection features for the text posterior, unnormalised embeddings), from the
+  prompts the zero-shot classifier (`prompts.engine.zeroshot_text_features`) reads; not a second classifier.
+  """
+  prompts = engine.render_prompts(classnames, template)
   ids = np.asarray(tokenizer(prompts, context_length=config.text.context_length))
   return text_features(params, config, ids)
 

@@ -35,15 +35,29 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bayesprompt import options
 from bayesprompt.data.datasets import IMAGENET_CROSS_DATASET_TARGETS, IMAGENET_SHIFT_TARGETS
 from bayesprompt.data.registry import DatasetSpec, get_dataset
 from bayesprompt.data.sources import LabeledSplit, open_split
+from bayesprompt.errors import UserError
 
 SHOT_CHOICES = (1, 2, 4, 8, 16)
 PROTOCOLS = ("base2new", "few_shot", "cross_dataset", "domain_generalization", "all")
+# The short names of the first prompt-run flags, still accepted (with a FutureWarning) by `canonical_protocol`.
+RENAMED_PROTOCOLS = {"fewshot": "few_shot", "xd": "cross_dataset", "dg": "domain_generalization"}
 MAX_VAL_SHOTS = 4
 SAMPLERS = ("dassl", "nested")
 ON_SHORT = ("all", "error")
+
+
+def canonical_protocol(name: str) -> str:
+  """`name` in the one spelling of `PROTOCOLS`; an old name of `RENAMED_PROTOCOLS` is translated with a
+  FutureWarning. Raises ValueError for anything else."""
+  name = options.resolve_renamed_value(name, RENAMED_PROTOCOLS, "protocol")
+  if name not in PROTOCOLS:
+    raise UserError(f"unknown protocol {name!r}; expected one of {PROTOCOLS} "
+                     f"(or an old name: {sorted(RENAMED_PROTOCOLS)})")
+  return name
 
 
 def base_new_classes(num_classes: int) -> tuple[list[int], list[int]]:
@@ -386,27 +400,3 @@ def domain_generalization(
     sampler=sampler,
     on_short=on_short,
   )
-
-
-def render_prompts(classnames: Sequence[str], template: str) -> list[str]:
-  """template.format(classname) for each class, after CoOp's cleaning (underscores -> spaces).
-
-  Raises:
-    ValueError: template without exactly one "{}" placeholder, empty class list, blank or duplicate names.
-  """
-  from bayesprompt.data.datasets import clean_classname
-  from bayesprompt.data.registry import check_classnames
-
-  if (
-    not isinstance(template, str)
-    or template.count("{}") != 1
-    or template.replace("{}", "").count("{")
-    or template.replace("{}", "").count("}")
-  ):
-    raise ValueError(
-      f"template must contain exactly one '{{}}' placeholder and no other braces, got {template!r}"
-    )
-  if isinstance(classnames, str):
-    raise TypeError(f"class names must be a sequence of str, got the single str {classnames!r}")
-  names = check_classnames([clean_classname(n) if isinstance(n, str) else n for n in classnames])
-  return [template.format(name) for name in names]

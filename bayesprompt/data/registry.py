@@ -11,6 +11,9 @@ from collections.abc import Callable, Sequence
 
 from bayesprompt.errors import UserError
 
+# The benchmark splits, in order: the keys of `DatasetSpec.splits` and the lists of a Dassl split file.
+BENCHMARK_SPLITS = ("train", "val", "test")
+
 
 @dataclasses.dataclass(frozen=True)
 class Carve:
@@ -99,6 +102,12 @@ class DatasetSpec:
   # Random-resized-crop area range of the training augmentation. The field's (0.08, 1) suits photographs;
   # datasets whose object can fall outside a small crop (the sandbox's 32-px compositions) narrow it.
   train_crop_scale: tuple[float, float] = (0.08, 1.0)
+
+  def __post_init__(self):
+    unknown = sorted(set(self.splits) - set(BENCHMARK_SPLITS))
+    if not self.splits or unknown:
+      raise ValueError(f"dataset {self.name!r}: splits must map some of {BENCHMARK_SPLITS} to TFDS splits; "
+                       f"got keys {sorted(self.splits)}")
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}

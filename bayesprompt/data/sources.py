@@ -31,6 +31,7 @@ import numpy as np
 
 from bayesprompt.data.datasets import clean_classname
 from bayesprompt.data.registry import (
+  BENCHMARK_SPLITS,
   Carve,
   DatasetSpec,
   FolderLayout,
@@ -41,7 +42,6 @@ from bayesprompt.data.registry import (
 )
 from bayesprompt.errors import UserError
 
-BENCHMARK_SPLITS = ("train", "val", "test")  # the splits of a Dassl split file, in its order
 SOURCES = ("tfds", "folder")
 
 

@@ -1,63 +1,29 @@
 """Zero-shot CLIP classification: a text classifier from the dataset's template, evaluated over a split.
 
-The classifier is CLIP's: for each class, the normalised text embedding of template.format(classname);
-logits = exp(logit_scale) · cos(image embedding, class embedding) (`clip.contrastive_logits`).
+The classifier is CLIP's (`prompts.engine.zeroshot_text_features`, the package's one zero-shot classifier):
+for each class, the normalised text embedding of template.format(classname); logits = exp(logit_scale) ·
+cos(image embedding, class embedding) (`clip.contrastive_logits`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from bayesprompt import clip
 from bayesprompt.data import pipeline, protocols
-from bayesprompt.data.protocols import evaluation_subset, render_prompts
+from bayesprompt.data.protocols import evaluation_subset
 from bayesprompt.data.sources import LabeledSplit
 from bayesprompt.errors import UserError
 from bayesprompt.eval import metrics as metrics_lib
 from bayesprompt.eval import results as results_lib
-
-
-def class_text_features(
-  params: Any,
-  config: clip.CLIPConfig,
-  tokenizer: Any,
-  classnames: Sequence[str],
-  template: str,
-  batch_size: int = 256,
-) -> jax.Array:
-  """Normalised text embeddings float32 [C, D] of template.format(name) for each class name.
-
-  Args:
-    tokenizer: callable texts -> int [M, context] (e.g. `clip.get_tokenizer(config)`).
-
-  Raises:
-    ValueError: bad template or class list (see `render_prompts`), or token ids outside the model's
-      vocabulary (a tokenizer that does not belong to the model).
-  """
-  prompts = render_prompts(classnames, template)
-  token_ids = np.asarray(tokenizer(prompts, context_length=config.text.context_length))
-  if token_ids.shape != (len(prompts), config.text.context_length):
-    raise ValueError(
-      f"tokenizer returned shape {token_ids.shape}; expected {(len(prompts), config.text.context_length)}"
-    )
-  if token_ids.min() < 0 or token_ids.max() >= config.text.vocab_size:
-    raise ValueError(
-      f"tokenizer ids span [{token_ids.min()}, {token_ids.max()}] but the model's vocabulary has "
-      f"{config.text.vocab_size} ids: the tokenizer does not match the checkpoint"
-    )
-  chunks = [
-    clip.encode_text(params, token_ids[i : i + batch_size], config=config)
-    for i in range(0, len(token_ids), batch_size)
-  ]
-  return clip.normalize(jnp.concatenate(chunks))
+from bayesprompt.prompts import engine
+from bayesprompt.prompts.engine import zeroshot_text_features
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,10 +110,11 @@ def evaluate_checkpoint(
 
   `template` (one "{}" for the class name) replaces every dataset's hand-crafted prompt; None keeps them.
   """
-  if template is not None and (template.count("{}") != 1 or template.replace("{}", "").count("{")
-                               or template.replace("{}", "").count("}")):
-    raise UserError(f"--template must contain exactly one '{{}}' for the class name and no other braces, "
-                     f"got {template!r}")
+  if template is not None:  # a bad --template fails before the checkpoint is loaded
+    try:
+      engine.as_templates(template)
+    except ValueError as e:
+      raise UserError(f"--template: {e}") from None
   config, params = clip.load_checkpoint(checkpoint)
   tok = clip.get_tokenizer(tokenizer if tokenizer is not None else config)
   writer = results_lib.ResultsWriter(
@@ -160,8 +127,8 @@ def evaluate_checkpoint(
     )
     out[name] = {}
     for split_name, split in data.evals.items():
-      text_features = class_text_features(
-        params, config, tok, split.classnames, template if template is not None else split.template
+      text_features = zeroshot_text_features(
+        params, config, split.classnames, template if template is not None else split.template, tokenizer=tok
       )
       result = evaluate_split(
         params,

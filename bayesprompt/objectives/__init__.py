@@ -7,6 +7,7 @@ zero-shot CLIP logits).
 
 from __future__ import annotations
 
+from bayesprompt import options
 from bayesprompt.errors import UserError
 from bayesprompt.objectives.ce import CrossEntropy
 
@@ -14,11 +15,14 @@ OBJECTIVES = ("ce", "ove_pg")
 
 
 def make_objective(name: str, **kwargs):
-  """"ce": CrossEntropy(**kwargs); "ove_pg": OvePG(**kwargs) (one-vs-each + Pólya-Gamma, arXiv 2504.14123)."""
+  """"ce": CrossEntropy(**kwargs); "ove_pg": OvePG(**kwargs) (one-vs-each + Pólya-Gamma, arXiv 2504.14123).
+
+  A renamed key of `OvePG.renamed_hparams` (`alpha` -> `prior_precision`) is accepted with a FutureWarning.
+  """
   if name == "ce":
     return CrossEntropy(**kwargs)
   if name == "ove_pg":
     from bayesprompt.objectives.ove_pg import OvePG
 
-    return OvePG(**kwargs)
+    return OvePG(**options.resolve_renamed_keys(kwargs, OvePG.renamed_hparams, "ove_pg hyper-parameter"))
   raise UserError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")

@@ -12,6 +12,7 @@ under jit a batch with padded rows at its end gives the loss and gradient of the
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,9 @@ TILED_KAPPA_TRAINERS = ("CoOp_OVE_PG", "CoCoOp_OVE_PG", "MaPLe_OVE_PG", "APEX_OV
 LOGSUMEXP_TRAINERS = ("VPT_OVE_PG", "VPT_CoCoOp_OVE_PG")
 
 
-def official_vpt_ove_pg_loss(rng: jax.Array, logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *,
-                             alpha: float, teacher_weight: float, num_samples: int,
-                             row_mask: jax.Array) -> tuple[jax.Array, dict]:
+def official_vpt_ove_pg_loss(rng: jax.Array, logits: jax.Array, teacher_logits: jax.Array,
+                             labels: jax.Array, *, prior_precision: float, teacher_weight: float,
+                             num_samples: int, row_mask: jax.Array) -> tuple[jax.Array, dict]:
   """The OVE-PG loss of BP_CLIP's VPT_OVE_PG and VPT_CoCoOp_OVE_PG trainers (mode="faithful" for VPT).
 
   Unlike the CoOp/CoCoOp/MaPLe/APEX trainers these broadcast κ correctly (`kappa_c.unsqueeze(-1).expand`:
@@ -43,7 +44,7 @@ def official_vpt_ove_pg_loss(rng: jax.Array, logits: jax.Array, teacher_logits: 
   Args:
     rng: key; ε[m] = normal(split(rng, M)[m], [L, n, C−1]) (pairs h in increasing class order, c ≠ y_i).
     logits: [L, n, C] the learner's samples; teacher_logits [n, C] frozen zero-shot logits; labels [n] int.
-    alpha, teacher_weight: α and λ₁ (static floats). num_samples: M.
+    prior_precision, teacher_weight: α and λ₁ (static floats). num_samples: M.
     row_mask: [n] bool; padded rows are left out of the means over i.
 
   Returns:
@@ -55,15 +56,16 @@ def official_vpt_ove_pg_loss(rng: jax.Array, logits: jax.Array, teacher_logits: 
   psi = jax.vmap(lambda f: ove.one_vs_each_differences(f, safe_labels))(logits)  # [L, n, C−1]
   psi0 = jax.lax.stop_gradient(ove.one_vs_each_differences(teacher_logits, safe_labels))
   omega = jax.lax.stop_gradient(ove.official_pg_mean(psi0))  # [n, C−1]
-  precision = omega + alpha
-  mean = (alpha * psi + 0.5) / precision
+  precision = omega + prior_precision
+  mean = (prior_precision * psi + 0.5) / precision
   eps = jax.vmap(lambda key: jax.random.normal(key, psi.shape, psi.dtype))(jax.random.split(rng, num_samples))
   sample = mean + eps * jax.lax.rsqrt(precision)  # [M, L, n, C−1]
   log_lik = jnp.sum(jax.nn.log_sigmoid(sample), axis=-1)  # [M, L, n]
   score = jax.nn.logsumexp(log_lik, axis=1) - jnp.log(num_mc)  # [M, n]
   nll = -jnp.mean(jax.vmap(lambda s: ce.masked_mean(s, row_mask))(score))
   teacher_reg = ce.masked_mean(jnp.mean(jnp.square(logits - teacher_logits), axis=(0, 2)), row_mask)
-  ove_nll = -ce.masked_mean(jnp.mean(jnp.sum(jax.nn.log_sigmoid(jax.lax.stop_gradient(psi)), -1), 0), row_mask)
+  plain_log_lik = jnp.sum(jax.nn.log_sigmoid(jax.lax.stop_gradient(psi)), -1)  # [L, n]
+  ove_nll = -ce.masked_mean(jnp.mean(plain_log_lik, 0), row_mask)
   omega_mean = ce.masked_mean(jnp.mean(omega, axis=-1), row_mask)
   loss = nll + teacher_weight * teacher_reg
   return loss, {"nll": nll, "teacher_reg": teacher_reg, "omega_mean": omega_mean, "ove_nll": ove_nll}
@@ -71,8 +73,9 @@ def official_vpt_ove_pg_loss(rng: jax.Array, logits: jax.Array, teacher_logits: 
 
 @dataclasses.dataclass(frozen=True)
 class OvePG:
-  """Attributes (paper recipe defaults): alpha prior precision 1.0, teacher_weight λ₁ 0.2, num_samples M 1,
+  """Attributes (paper recipe defaults): prior_precision α 1.0, teacher_weight λ₁ 0.2, num_samples M 1,
   omega_source "prior_mean", mode "corrected" (or "faithful"), kl_weight (None: the learner's recipe weight).
+  `renamed_hparams`: the old key `alpha` still sets prior_precision, with a FutureWarning.
 
   mode="faithful" reproduces the official OVE-PG trainer *of the learner in use* (`official_trainer`, passed
   by the train step from `learner.official_ove_pg_trainer`):
@@ -83,7 +86,8 @@ class OvePG:
     None (MPL, VaMP, MMRL, VaMP-MMRL: BP_CLIP has no OVE-PG trainer for them): refused with a ValueError.
   """
 
-  alpha: float = 1.0
+  prior_precision: float = 1.0
+  renamed_hparams: ClassVar[dict[str, str]] = {"alpha": "prior_precision"}
   teacher_weight: float = 0.2
   num_samples: int = 1
   omega_source: str = "prior_mean"
@@ -95,8 +99,8 @@ class OvePG:
       raise ValueError(f"unknown OVE-PG mode {self.mode!r}; expected one of {MODES}")
     if self.omega_source not in OMEGA_SOURCES:
       raise ValueError(f"unknown omega_source {self.omega_source!r}; expected one of {OMEGA_SOURCES}")
-    if not self.alpha >= 0:
-      raise ValueError(f"alpha (prior precision) must be >= 0, got {self.alpha}")
+    if not self.prior_precision >= 0:
+      raise ValueError(f"prior_precision (α) must be >= 0, got {self.prior_precision}")
     if not self.teacher_weight >= 0:
       raise ValueError(f"teacher_weight (λ₁) must be >= 0, got {self.teacher_weight}")
     if int(self.num_samples) != self.num_samples or self.num_samples < 1:
@@ -116,13 +120,14 @@ class OvePG:
     if self.mode == "faithful":
       if official_trainer not in TILED_KAPPA_TRAINERS + LOGSUMEXP_TRAINERS:
         raise ValueError(
-            f"OVE-PG mode='faithful' reproduces the official BP_CLIP trainer of the learner in use, and there is "
-            f"none for this learner (official_trainer={official_trainer!r}; BP_CLIP has "
+            "OVE-PG mode='faithful' reproduces the official BP_CLIP trainer of the learner in use, and there "
+            f"is none for this learner (official_trainer={official_trainer!r}; BP_CLIP has "
             f"{TILED_KAPPA_TRAINERS + LOGSUMEXP_TRAINERS}); use mode='corrected'")
       if official_trainer in LOGSUMEXP_TRAINERS:
         if getattr(output, "aux_logits", None) is not None:
           raise ValueError(f"{official_trainer} has no second head; got output.aux_logits")
-        loss, aux = official_vpt_ove_pg_loss(rng, logits, teacher_logits, labels, alpha=self.alpha,
+        loss, aux = official_vpt_ove_pg_loss(rng, logits, teacher_logits, labels,
+                                             prior_precision=self.prior_precision,
                                              teacher_weight=self.teacher_weight, num_samples=self.num_samples,
                                              row_mask=valid)
         kl_weight = default_kl_weight if self.kl_weight is None else self.kl_weight
@@ -131,7 +136,8 @@ class OvePG:
         return loss, {**aux, "loss": loss, "kl": output.kl, "train_accuracy": accuracy}
 
     def one_sample(key, sample_logits):
-      return ove.ove_pg_loss(key, sample_logits, teacher_logits, labels, alpha=self.alpha,
+      return ove.ove_pg_loss(key, sample_logits, teacher_logits, labels,
+                             prior_precision=self.prior_precision,
                              teacher_weight=self.teacher_weight, num_samples=self.num_samples,
                              omega_source=self.omega_source, mode=self.mode, row_mask=valid)
 

@@ -13,7 +13,7 @@ import pkgutil as _pkgutil
 
 from bayesprompt.prompts import engine
 from bayesprompt.prompts.apex import APEX
-from bayesprompt.prompts.base import LearnerOutput, PromptLearner, make_learner, methods
+from bayesprompt.prompts.base import LearnerOutput, PromptLearner, learner_class, make_learner, methods
 from bayesprompt.prompts.coop import CoCoOp, CoOp
 from bayesprompt.prompts.engine import ClassState, PromptLayout
 from bayesprompt.prompts.maple import MPL, MaPLe
@@ -30,5 +30,5 @@ for _module in _pkgutil.iter_modules(__path__):
 __all__ = [
     "APEX", "MMRL", "VaMPMMRL",
     "MPL", "VPT", "ClassState", "CoCoOp", "CoOp", "LearnerOutput", "MaPLe", "PromptLayout", "PromptLearner",
-    "VaMP", "engine", "make_learner", "methods",
+    "VaMP", "engine", "learner_class", "make_learner", "methods",
 ]

@@ -195,14 +195,14 @@ class APEX(ContextLearner):
     if train:
       text = clip.normalize(adapted_text)
     else:
-      alpha = self.ensemble_weights(class_state)[:, None]  # [C, 1]
+      ensemble_weight = self.ensemble_weights(class_state)[:, None]  # [C, 1], the paper's α
       if self.unadapted_text == "prompted":
-        text = clip.normalize(alpha * adapted_text + (1.0 - alpha) * prompted_text)
+        text = clip.normalize(ensemble_weight * adapted_text + (1.0 - ensemble_weight) * prompted_text)
       else:
-        text = clip.normalize(alpha * clip.normalize(adapted_text)
-                              + (1.0 - alpha) * class_state.zeroshot_text_features)
+        text = clip.normalize(ensemble_weight * clip.normalize(adapted_text)
+                              + (1.0 - ensemble_weight) * class_state.zeroshot_text_features)
       if prompted:
-        image_weight = jnp.mean(alpha)
+        image_weight = jnp.mean(ensemble_weight)
         image = image_weight * image + (1.0 - image_weight) * frozen_image
     image = clip.normalize(image)
     logits = engine.logits(clip_params, image, text, per_image=False)[None]

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 import bayesprompt.clip as clip
+from bayesprompt import options
 from bayesprompt.errors import UserError, UserTypeError
 from bayesprompt.prompts import engine
 
@@ -78,6 +79,9 @@ class PromptLearner:
   # Whether the class state must know the training classes (`train_text_features`, `is_train_class`):
   # learners whose test-time rule depends on how a test class relates to the trained ones (APEX, MMRL).
   needs_train_classes: ClassVar[bool] = False
+  # Renamed hyper-parameters, old key -> field: `make_learner` still accepts the old key (flagfiles and stored
+  # run configs written before the rename), with a FutureWarning.
+  renamed_hparams: ClassVar[dict[str, str]] = {}
   clip_config: clip.CLIPConfig
   kl_weight: float = 0.0
   full_context: bool = False
@@ -188,21 +192,28 @@ def methods() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def learner_class(method: str) -> type[PromptLearner]:
+  """The registered class of a method name. Raises ValueError for an unknown one (listing `methods()`)."""
+  if method not in _REGISTRY:
+    raise UserError(f"unknown prompt-learning method {method!r}; known methods: {', '.join(methods())}")
+  return _REGISTRY[method]
+
+
 def make_learner(method: str, clip_config: clip.CLIPConfig, **hparams: Any) -> PromptLearner:
   """The learner of a method name with its hyper-parameters (defaults: the method's paper recipe).
 
   Args:
     method: one of `methods()` (every registered learner).
     clip_config: the frozen CLIP's config.
-    **hparams: the learner's dataclass fields (see each learner's docstring).
+    **hparams: the learner's dataclass fields (see each learner's docstring); an old key of the learner's
+      `renamed_hparams` is read as its new field, with a FutureWarning.
   Raises:
     ValueError: unknown method; TypeError: unknown hyper-parameter (lists the accepted ones).
   """
-  if method not in _REGISTRY:
-    raise UserError(f"unknown prompt-learning method {method!r}; known methods: {', '.join(methods())}")
+  cls = learner_class(method)
   if not isinstance(clip_config, clip.CLIPConfig):
     raise TypeError(f"clip_config must be a bayesprompt.clip.CLIPConfig, got {type(clip_config).__name__}")
-  cls = _REGISTRY[method]
+  hparams = options.resolve_renamed_keys(hparams, cls.renamed_hparams, f"{method} hyper-parameter")
   accepted = {f.name for f in dataclasses.fields(cls)} - {"clip_config"}
   unknown = sorted(set(hparams) - accepted)
   if unknown:

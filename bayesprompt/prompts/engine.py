@@ -187,14 +187,7 @@ def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: Pr
   Raises:
     ValueError: empty class list, a prompt longer than the context (naming the class), bad prototypes.
   """
-  if isinstance(classnames, str) or not isinstance(classnames, Sequence | np.ndarray):
-    raise TypeError(f"classnames must be a sequence of str, got {type(classnames).__name__}")
-  names = [str(n).replace("_", " ").strip() for n in classnames]
-  if not names:
-    raise ValueError("classnames is empty: expected at least one class name")
-  for raw, name in zip(classnames, names, strict=True):
-    if not name:
-      raise ValueError(f"class name {raw!r} is empty")
+  names = clean_classnames(classnames)
   tokenizer = clip.get_tokenizer(config)
   check_layout(layout, tokenizer)
   context_length = config.text.context_length
@@ -245,28 +238,93 @@ def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: Pr
   return state
 
 
+def clean_classnames(classnames: Sequence[str]) -> list[str]:
+  """Class names as every CoOp trainer prompts them: "_" reads as a space, surrounding blanks dropped.
+
+  Raises:
+    TypeError: not a sequence (a single str included). ValueError: empty list, or a name that is empty
+      once cleaned.
+  """
+  if isinstance(classnames, str):
+    raise TypeError(f"classnames must be a sequence of str, got the single str {classnames!r}")
+  if not isinstance(classnames, Sequence | np.ndarray):
+    raise TypeError(f"classnames must be a sequence of str, got {type(classnames).__name__}")
+  names = [str(n).replace("_", " ").strip() for n in classnames]
+  if not names:
+    raise ValueError("classnames is empty: expected at least one class name")
+  for i, (raw, name) in enumerate(zip(classnames, names, strict=True)):
+    if not name:
+      raise ValueError(f"class name #{i} {raw!r} is empty; expected a non-blank str")
+  return names
+
+
 def as_templates(templates: str | Sequence[str]) -> list[str]:
+  """`templates` as a non-empty list; each must hold exactly one "{}" (the class name) and no other brace."""
   templates = [templates] if isinstance(templates, str) else list(templates)
   if not templates:
     raise ValueError("templates is empty: expected at least one template with '{}'")
   for template in templates:
-    if not isinstance(template, str) or template.count("{}") != 1:
-      raise ValueError(f"template {template!r} must be a str with exactly one '{{}}' for the class name")
+    if not isinstance(template, str) or template.count("{}") != 1 or (
+        "{" in template.replace("{}", "") or "}" in template.replace("{}", "")):
+      raise ValueError(f"template {template!r} must be a str with exactly one '{{}}' for the class name "
+                       "and no other braces")
   return templates
 
 
+def render_prompts(classnames: Sequence[str], template: str) -> list[str]:
+  """template.format(name) for each class name after CoOp's cleaning (`clean_classnames`): the text of a
+  hand-crafted prompt, for the zero-shot classifier and BayesVLM's text features.
+
+  Raises:
+    ValueError: a template without exactly one "{}" or with other braces, an empty class list, blank or
+      duplicate names (after cleaning). TypeError: a single str instead of a list.
+  """
+  template = as_templates([template])[0]
+  names = clean_classnames(classnames)
+  first: dict[str, int] = {}
+  for i, name in enumerate(names):
+    if name in first:
+      raise ValueError(f"duplicate class name {name!r} at positions {first[name]} and {i}")
+    first[name] = i
+  return [template.format(name) for name in names]
+
+
 def zeroshot_text_features(clip_params: Params, config: clip.CLIPConfig, classnames: Sequence[str],
-                           templates: str | Sequence[str]) -> jax.Array:
-  """Zero-shot classifier [C, D]: per class, the normalised mean of normalised template features."""
+                           templates: str | Sequence[str], *, tokenizer: Any = None,
+                           batch_size: int = 256) -> jax.Array:
+  """CLIP's zero-shot classifier, float32 [C, D]: per class, the normalised text embedding of
+  template.format(name); with several templates, the normalised mean of those normalised embeddings.
+
+  The one implementation: the learners' class state, `train.prompt_run` (the OVE-PG / KgCoOp teacher) and
+  `eval.zeroshot` all call it.
+
+  Args:
+    classnames: C names; "_" reads as a space (`clean_classnames`); duplicates are refused.
+    templates: one template or several, each with exactly one "{}".
+    tokenizer: callable texts -> int [M, context]; None: the config's (`clip.get_tokenizer(config)`).
+    batch_size: prompts per text-tower call.
+  Raises:
+    ValueError: bad templates or class list, or token ids outside the model's vocabulary (a tokenizer that
+      does not belong to the model).
+  """
   templates = as_templates(templates)
-  tokenizer = clip.get_tokenizer(config)
+  tokenizer = clip.get_tokenizer(config) if tokenizer is None else tokenizer
+  context = config.text.context_length
   total = None
   for template in templates:
-    texts = [template.format(name) for name in classnames]
-    ids = tokenizer(texts, context_length=config.text.context_length)
-    features = clip.normalize(clip.encode_text(clip_params, ids, config=config))
+    prompts = render_prompts(classnames, template)
+    token_ids = np.asarray(tokenizer(prompts, context_length=context))
+    if token_ids.shape != (len(prompts), context):
+      raise ValueError(f"tokenizer returned shape {token_ids.shape}; expected {(len(prompts), context)}")
+    if token_ids.min() < 0 or token_ids.max() >= config.text.vocab_size:
+      raise ValueError(f"tokenizer ids span [{token_ids.min()}, {token_ids.max()}] but the model's vocabulary "
+                       f"has {config.text.vocab_size} ids: the tokenizer does not match the checkpoint")
+    chunks = [clip.encode_text(clip_params, token_ids[i:i + batch_size], config=config)
+              for i in range(0, len(token_ids), batch_size)]
+    features = clip.normalize(jnp.concatenate(chunks))
     total = features if total is None else total + features
-  return clip.normalize(total)
+  # One template: its normalised embeddings as they are (normalising them again would only add rounding).
+  return total if len(templates) == 1 else clip.normalize(total)
 
 
 def phrase_context(clip_params: Params, config: clip.CLIPConfig, phrase: str, n_ctx: int) -> jax.Array:

@@ -18,7 +18,7 @@ Loss (official MMRL_Loss):
   α·CE(class head) + (1 − α)·CE(rep head) + λ·(1 − mean_b cos(f_img, f_img^CLIP))
                                           + λ·(1 − mean_c cos(f_txt, f_txt^CLIP))
 with f_img the class-head image feature, f_img^CLIP the frozen CLIP image feature, f_txt^CLIP the frozen
-zero-shot text feature of the same template. α = 0.7; λ is per dataset (`reg_weight`, see the vitb16
+zero-shot text feature of the same template. α = 0.7 (`class_head_weight`); λ is per dataset (`reg_weight`, see the vitb16
 flagfile). The objective plug-ins compute the CE (or OVE-PG) part from `LearnerOutput.logits` (class head,
 weight 1 − aux_weight = α) and `aux_logits` (representation head, weight 1 − α); the λ terms arrive as
 `LearnerOutput.aux_loss`.
@@ -110,7 +110,8 @@ class RepresentationBackbone:
   Attributes:
     n_tokens: K representation tokens.
     rep_dim: d_r, width of the representation space; None: the text width (512 for ViT-B/16, as the recipe).
-    alpha: α, weight of the class head in the loss and in the fused test logits.
+    class_head_weight: the paper's α, weight of the class head in the loss and in the fused test logits
+      (hparam key `alpha` before the rename: still accepted, with a FutureWarning).
     reg_weight: λ, weight of each cosine regulariser (the official default 1.0; per-dataset recipe values
       in experiments/flags/mmrl_vitb16.flags).
     rep_proj_init: "frozen" (copy of the frozen image projection) or "random" (N(0, 1/W_v), official code).
@@ -119,11 +120,12 @@ class RepresentationBackbone:
 
   n_tokens: int = 5
   rep_dim: int | None = None
-  alpha: float = 0.7
+  class_head_weight: float = 0.7
   reg_weight: float = 1.0
   rep_proj_init: str = "frozen"
   template: str = "a photo of a {}."
   needs_train_classes: ClassVar[bool] = True
+  renamed_hparams: ClassVar[dict[str, str]] = {"alpha": "class_head_weight"}
 
   prepare_classes = template_prepare_classes
 
@@ -138,7 +140,7 @@ class RepresentationBackbone:
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{method}: {name} must be an int >= 1, got {value!r}")
     object.__setattr__(self, "rep_dim", rep_dim)
-    _check_number(method, "alpha", self.alpha, 0.0, 1.0)
+    _check_number(method, "class_head_weight", self.class_head_weight, 0.0, 1.0)
     _check_number(method, "reg_weight", self.reg_weight, 0.0, None)
     if self.rep_proj_init not in REP_PROJ_INITS:
       raise ValueError(f"{method}: unknown rep_proj_init {self.rep_proj_init!r}; "
@@ -216,7 +218,7 @@ class RepresentationBackbone:
                        is_train_class: jax.Array | None) -> jax.Array:
     """Test logits [..., C]: α·class + (1 − α)·rep on training classes, class-head logits elsewhere
     (is_train_class [C] bool; None: every class is a training class)."""
-    fused = self.alpha * class_logits + (1.0 - self.alpha) * rep_logits
+    fused = self.class_head_weight * class_logits + (1.0 - self.class_head_weight) * rep_logits
     if is_train_class is None:
       return fused
     return jnp.where(is_train_class, fused, class_logits)
@@ -242,7 +244,8 @@ class RepresentationBackbone:
     else:
       logits = self.decoupled_logits(class_logits, rep_logits, class_state.is_train_class)
     return LearnerOutput(logits=logits, kl=kl, image_features=image, frozen_image_features=frozen,
-                         aux_logits=rep_logits, aux_loss=aux_loss, aux_weight=1.0 - float(self.alpha))
+                         aux_logits=rep_logits, aux_loss=aux_loss,
+                         aux_weight=1.0 - float(self.class_head_weight))
 
 
 @register

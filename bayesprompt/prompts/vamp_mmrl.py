@@ -47,7 +47,8 @@ class VaMPMMRL(RepresentationBackbone, VaMP):
   """VaMP on MMRL. Params: MMRL's {"rep_tokens", "to_text", "to_vision", "rep_proj"} and VaMP's
   {"generator", "posterior", "prior"} (VaMP's "vision_prompts" are not used).
 
-  Attributes: MMRL's (`RepresentationBackbone`: n_tokens = K = M, rep_dim, alpha, reg_weight, rep_proj_init,
+  Attributes: MMRL's (`RepresentationBackbone`: n_tokens = K = M, rep_dim, class_head_weight (α),
+  reg_weight, rep_proj_init,
   template) and VaMP's (first_layer, depth, MLP widths, init_log_var, num_train_samples / num_test_samples,
   class_aware_prior, share_text_prefix, kl_weight).
 

@@ -54,7 +54,8 @@ class VPT(ContextLearner):
 
   Attributes (besides ContextLearner's):
     conditioning: "coop" (free posterior) or "cocoop" (posterior from an MLP on the image feature).
-    num_mc_samples: L, samples per step in training.
+    num_train_samples: the paper's L, samples per step in training (hparam key `num_mc_samples` before the
+      rename, the name VaMP never used: still accepted, with a FutureWarning).
     num_test_samples: samples at test time; None: L (as the official code).
     kl_weight: the recipe's 0.001.
   Defaults (official vit_b16_c4_ep10_batch1_ctxv1): n_ctx=4 from "a photo of a", L=10, coop.
@@ -63,8 +64,9 @@ class VPT(ContextLearner):
   method = "vpt"
   ctx_init: str | None = "a photo of a"
   conditioning: str = "coop"
-  num_mc_samples: int = 10
+  num_train_samples: int = 10
   num_test_samples: int | None = None
+  renamed_hparams: ClassVar[dict[str, str]] = {"num_mc_samples": "num_train_samples"}
   # Bayesian Prompt Learning's loss is the predictive likelihood −log mean_l p(y|x, r_l).
   sample_reduction: ClassVar[str] = "log_mean_prob"
   kl_weight: float = 0.001
@@ -74,7 +76,7 @@ class VPT(ContextLearner):
     super().__post_init__()
     if self.conditioning not in CONDITIONINGS:
       raise ValueError(f"vpt: unknown conditioning {self.conditioning!r}; expected one of {CONDITIONINGS}")
-    for name in ("num_mc_samples", "num_test_samples"):
+    for name in ("num_train_samples", "num_test_samples"):
       value = getattr(self, name)
       if value is None and name == "num_test_samples":
         continue
@@ -87,7 +89,7 @@ class VPT(ContextLearner):
 
   def num_samples(self, train: bool) -> int:
     if train or self.num_test_samples is None:
-      return self.num_mc_samples
+      return self.num_train_samples
     return self.num_test_samples
 
   def init(self, rng: jax.Array, clip_params: Params, class_state: engine.ClassState) -> Params:

@@ -24,16 +24,17 @@ from bayesprompt.data import get_dataset, pipeline, protocols
 from bayesprompt.data.sources import LabeledSplit
 from bayesprompt.errors import UserError
 from bayesprompt.eval import metrics as metrics_lib
-from bayesprompt.eval.zeroshot import class_text_features
 from bayesprompt.objectives import make_objective
 from bayesprompt.prompts import make_learner
+from bayesprompt.prompts.engine import zeroshot_text_features
 from bayesprompt.train import checkpoint as checkpoint_lib
 from bayesprompt.train import distributed, optim, prompt_trainer
 from bayesprompt.train import run_dir as run_dir_lib
 from bayesprompt.train.checkpoint import CheckpointManager
 from bayesprompt.train.run_dir import RunDir
 
-PROTOCOLS = ("base2new", "fewshot", "xd", "dg")
+# The protocols a prompt run trains under: the data layer's, less zero-shot "all".
+PROTOCOLS = tuple(p for p in protocols.PROTOCOLS if p != "all")
 RESULTS_FILE = "results.json"
 
 
@@ -45,7 +46,9 @@ class PromptRunConfig:
   objective: str = "ce"
   protocol: str = "base2new"
   dataset: str = "sandbox_shapes"
-  targets: tuple[str, ...] = ()  # xd / dg target datasets (default: the protocol's own list)
+  # Protocol: one of PROTOCOLS; an old name ("fewshot", "xd", "dg") is translated, with a FutureWarning.
+  # targets: cross_dataset / domain_generalization target datasets (default: the protocol's own list).
+  targets: tuple[str, ...] = ()
   # Further test sets evaluated with the same protocol (base2new: their base and new classes), e.g. the
   # sandbox's shifted variants next to base-to-new.
   extra_eval_datasets: tuple[str, ...] = ()
@@ -74,6 +77,13 @@ class PromptRunConfig:
   max_eval_examples: int | None = None
   compute_dtype: str = "float32"
 
+  def __post_init__(self):
+    if self.protocol not in PROTOCOLS:
+      object.__setattr__(self, "protocol", protocols.canonical_protocol(self.protocol))
+    if self.protocol == "all":
+      raise UserError(f"protocol 'all' is zero-shot evaluation, not a training protocol; expected one of "
+                       f"{PROTOCOLS}")
+
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
@@ -83,7 +93,7 @@ def protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
   if cfg.protocol == "base2new":
     return protocols.base_to_new(cfg.dataset, seed=cfg.seed, num_shots=cfg.num_shots, data_dir=cfg.data_dir,
                                  source=cfg.source, **sampling)
-  if cfg.protocol == "fewshot":
+  if cfg.protocol == "few_shot":
     return protocols.few_shot(cfg.dataset, seed=cfg.seed, num_shots=cfg.num_shots, data_dir=cfg.data_dir,
                               source=cfg.source, **sampling)
   kwargs = dict(seed=cfg.seed, num_shots=cfg.num_shots, source_dataset=cfg.dataset, data_dir=cfg.data_dir,
@@ -93,13 +103,14 @@ def protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
   elif cfg.dataset.startswith("sandbox"):
     from bayesprompt.data import sandbox
 
-    kwargs["targets"] = list(sandbox.CROSS_DATASET_TARGETS if cfg.protocol == "xd" else sandbox.SHIFT_TARGETS)
+    cross_dataset = cfg.protocol == "cross_dataset"
+    kwargs["targets"] = list(sandbox.CROSS_DATASET_TARGETS if cross_dataset else sandbox.SHIFT_TARGETS)
   if cfg.source is not None:
     targets = kwargs.get("targets", _default_targets(cfg))
     kwargs["sources"] = {name: cfg.source for name in (cfg.dataset, *targets)}
-  if cfg.protocol == "xd":
+  if cfg.protocol == "cross_dataset":
     return protocols.cross_dataset(**kwargs)
-  if cfg.protocol == "dg":
+  if cfg.protocol == "domain_generalization":
     return protocols.domain_generalization(**kwargs)
   raise UserError(f"unknown protocol {cfg.protocol!r}; expected one of {PROTOCOLS}")
 
@@ -107,7 +118,7 @@ def protocol_data(cfg: PromptRunConfig) -> protocols.ProtocolData:
 def _default_targets(cfg: PromptRunConfig) -> tuple[str, ...]:
   from bayesprompt.data.datasets import IMAGENET_CROSS_DATASET_TARGETS, IMAGENET_SHIFT_TARGETS
 
-  return IMAGENET_CROSS_DATASET_TARGETS if cfg.protocol == "xd" else IMAGENET_SHIFT_TARGETS
+  return IMAGENET_CROSS_DATASET_TARGETS if cfg.protocol == "cross_dataset" else IMAGENET_SHIFT_TARGETS
 
 
 def evaluation_splits(cfg: PromptRunConfig, data: protocols.ProtocolData | None = None,
@@ -224,8 +235,8 @@ def run(cfg: PromptRunConfig, run_dir: str | pathlib.Path, *, resume: bool = Fal
     prototypes = class_prototypes(clip_params, clip_config, train_split, cfg.eval_batch_size)
   class_state = learner.prepare_classes(clip_params, train_split.classnames, templates=[train_split.template],
                                         class_prototypes=prototypes, train_classnames=train_split.classnames)
-  teacher_text = class_text_features(clip_params, clip_config, clip.get_tokenizer(clip_config),
-                                     train_split.classnames, train_split.template)
+  teacher_text = zeroshot_text_features(clip_params, clip_config, train_split.classnames,
+                                        train_split.template)
   crop_scale = get_dataset(cfg.dataset).train_crop_scale
   # Data-parallel: this process's share of the data and of every global batch (one process: all of both).
   local_split = train_split if mesh is None else distributed.process_shard(train_split)
@@ -353,11 +364,12 @@ def load_trained(run_dir: str | pathlib.Path) -> TrainedRun:
                     stored_classes["template"])
 
 
-def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str = "fewshot",
+def evaluate_trained(run_dir: str | pathlib.Path, *, dataset: str, protocol: str = "few_shot",
                      data_dir: str | None = None, max_eval_examples: int | None = None,
                      progress: bool = True, source: str | None = None) -> dict[str, dict[str, float]]:
   """Evaluates the latest checkpoint of a trained run on another dataset or class list (no retraining:
   class-dependent state is rebuilt from the new class names). `source`: as `PromptRunConfig.source`."""
+  protocol = protocols.canonical_protocol(protocol)
   run = load_trained(run_dir)
   cfg = run.cfg
   if protocol == "base2new":
