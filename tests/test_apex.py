@@ -179,7 +179,7 @@ def test_test_time_logits_equal_a_brute_force_ensemble(world, mode):
   # The random CLIP gives all three cases: far (α < 1), shared "cat" (α = 1), near but not shared (α = 1).
   assert alpha[0] < 0.9 and alpha[1] == 1.0 and alpha[2] == 1.0
   chex.assert_trees_all_close(learner.ensemble_weights(state), alpha, atol=1e-5)
-  np.testing.assert_array_equal(state.is_train_class, [False, True, False])
+  np.testing.assert_array_equal(state.learner_state["is_train_class"], [False, True, False])
 
   embeddings = engine.build_prompts(state, params["ctx"])
   text_tower = jax.jit(lambda p, e, i: clip.text_tower_from_embeddings(p, e, i, config=config)[0])
@@ -309,4 +309,4 @@ def test_bad_input_raises_clear_errors(world):
   state = learner.prepare_classes(clip_params, CLASSNAMES, templates=TEMPLATE)
   params = learner.init(jax.random.key(0), clip_params, state)
   with pytest.raises(ValueError, match="test-time ensemble needs .*train_classnames"):
-    learner.apply(params, clip_params, state.replace(train_text_features=None), world["images"], None, False)
+    learner.apply(params, clip_params, state.replace(learner_state={}), world["images"], None, False)

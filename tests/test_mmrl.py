@@ -211,12 +211,13 @@ def test_decoupled_inference_fuses_training_classes_only(world, case):
   # prepare_classes marks the training classes of a list (default: all of them).
   state = learner.prepare_classes(clip_params, ["cat", "green star", "red circle"], templates=TEMPLATE,
                                   train_classnames=CLASSNAMES)
-  np.testing.assert_array_equal(state.is_train_class, [True, False, True])
-  np.testing.assert_array_equal(case["state"].is_train_class, [True] * 4)
+  np.testing.assert_array_equal(state.learner_state["is_train_class"], [True, False, True])
+  np.testing.assert_array_equal(case["state"].learner_state["is_train_class"], [True] * 4)
   # The rule, on the training list with two of its classes marked as new ones.
   marked = np.array([True, False, True, False])
-  test = jit_apply(learner, params, clip_params, case["state"].replace(is_train_class=jnp.asarray(marked)),
-                   world["images"], None, False)
+  marked_state = case["state"].replace(learner_state={**case["state"].learner_state,
+                                                     "is_train_class": jnp.asarray(marked)})
+  test = jit_apply(learner, params, clip_params, marked_state, world["images"], None, False)
   alpha = learner.class_head_weight
   fused = alpha * np.asarray(output.logits) + (1 - alpha) * np.asarray(output.aux_logits)
   expected = np.where(marked, fused, np.asarray(output.logits))
@@ -326,15 +327,22 @@ def test_jitted_train_step_with_ove_pg(world, case):
 def vamp_case(world, case):
   """VaMP-on-MMRL sharing the MMRL case's representation params (so its vision side is the reference's)."""
   learner = prompts.make_learner("vamp_mmrl", world["config"], **VAMP_HPARAMS)
-  params = learner.init(jax.random.key(2), world["params"], case["state"])
+  state = learner.prepare_classes(world["params"], CLASSNAMES, templates=TEMPLATE,
+                                  class_prototypes=world["prototypes"])
+  # Learner-owned class state: VaMP's prototypes and MMRL's training classes (both parents' entries), and
+  # the same token state as MMRL's (one template-input layout).
+  assert set(state.learner_state) == {"class_prototypes", "train_text_features", "is_train_class"}
+  assert set(case["state"].learner_state) == {"train_text_features", "is_train_class"}
+  chex.assert_trees_all_equal(state.replace(learner_state={}), case["state"].replace(learner_state={}))
+  params = learner.init(jax.random.key(2), world["params"], state)
   assert set(params) == {"generator", "posterior", "prior", "rep_tokens", "to_text", "to_vision", "rep_proj"}
   params.update({k: case["params"][k] for k in ("rep_tokens", "to_text", "to_vision", "rep_proj")})
-  return dict(learner=learner, params=params)
+  return dict(learner=learner, params=params, state=state)
 
 
 def test_vamp_mmrl_with_a_collapsed_posterior_is_mmrl(world, case, vamp_case):
   """μ = 0, σ = e^-40: every sample's text tokens are MMRL's, so every output equals MMRL's (train and test)."""
-  learner, clip_params, state = vamp_case["learner"], world["params"], case["state"]
+  learner, clip_params, state = vamp_case["learner"], world["params"], vamp_case["state"]
   params = jax.tree.map(lambda p: p, vamp_case["params"])
   t_width = world["config"].text.width
   linear2 = params["posterior"]["linear2"]
@@ -351,7 +359,7 @@ def test_vamp_mmrl_with_a_collapsed_posterior_is_mmrl(world, case, vamp_case):
   test = jit_apply(learner, params, clip_params, state, world["images"], jax.random.key(0), False)
   chex.assert_shape(test.logits, (3, 3, 4))
   # Every class of the list is a training class: MMRL's test logits are the fused ones.
-  fused = case["learner"].decoupled_logits(mmrl.logits, mmrl.aux_logits, state.is_train_class)
+  fused = case["learner"].decoupled_logits(mmrl.logits, mmrl.aux_logits, state.learner_state["is_train_class"])
   chex.assert_trees_all_close(learner.predict_probs(test), scipy.special.softmax(fused[0], axis=-1), atol=1e-5)
 
 
@@ -359,7 +367,7 @@ def test_vamp_mmrl_samples_kl_and_loss_equal_a_python_loop(world, case, vamp_cas
   """Per (sample, image): MMRL's text tokens plus the sampled residual, through the text tower with VaMP's
   schedule, against both heads; KL in closed form on the residual; the CE loss adds it with weight 1."""
   learner, params = vamp_case["learner"], vamp_case["params"]
-  clip_params, state = world["params"], case["state"]
+  clip_params, state = world["params"], vamp_case["state"]
   config, ref, scale = world["config"], case["reference"], case["scale"]
   rng, labels = jax.random.key(3), jnp.asarray(LABELS)
   output = jit_apply(learner, params, clip_params, state, world["images"], rng, True, labels)
@@ -394,7 +402,7 @@ def test_vamp_mmrl_samples_kl_and_loss_equal_a_python_loop(world, case, vamp_cas
 
 def test_vamp_mmrl_jitted_train_step_with_ce(world, case, vamp_case):
   """Every param moves, the class-aware prior's included (through the KL)."""
-  metrics = one_train_step(vamp_case["learner"], "ce", world["params"], case["state"], world["images"])
+  metrics = one_train_step(vamp_case["learner"], "ce", world["params"], vamp_case["state"], world["images"])
   assert float(metrics["kl"]) > 0 and {"nll_main", "nll_aux"} <= set(metrics)
 
 
@@ -428,7 +436,8 @@ def test_bad_input_raises_clear_errors(world, case):
   # VaMP shares the template-input prepare_classes: it takes (and, not needing them, ignores) training classes,
   # as prompt_run passes them to every learner.
   vamp = prompts.make_learner("vamp", config, n_tokens=K, first_layer=FIRST, depth=DEPTH)
-  assert vamp.prepare_classes(clip_params, CLASSNAMES, train_classnames=CLASSNAMES[:2]).is_train_class is None
+  assert "is_train_class" not in vamp.prepare_classes(clip_params, CLASSNAMES,
+                                                      train_classnames=CLASSNAMES[:2]).learner_state
   vamp_mmrl = prompts.make_learner("vamp_mmrl", config, **VAMP_HPARAMS)
   with pytest.raises(ValueError, match="pass a PRNG key as rng"):
     vamp_mmrl.apply(params, clip_params, case["state"], world["images"], None, False)

@@ -599,6 +599,37 @@ def test_jitted_step_reaches_exactly_the_learner_params_and_transfers_to_new_cla
 # ------------------------------------------------------------------------------------------ bad input
 
 
+def test_a_learner_owns_its_class_state(world, monkeypatch):
+  """Per-class state of one learner lives in `ClassState.learner_state`, filled by its own
+  `learner_class_state`: a learner written as one new file (here: CoOp plus a per-class logit bias) adds an
+  array without touching the shared ClassState, and it flows through jit; other learners' states lack it."""
+  from bayesprompt.prompts import base, coop
+
+  @dataclasses.dataclass(frozen=True)
+  class BiasedCoOp(coop.CoOp):
+    method = "biased_coop_for_test"
+
+    def learner_class_state(self, clip_params, classnames, **kwargs):
+      state = super().learner_class_state(clip_params, classnames, **kwargs)
+      return {**state, "class_bias": jnp.arange(len(classnames), dtype=jnp.float32)}
+
+    def apply(self, learner_params, clip_params, class_state, images, rng=None, train=False, labels=None):
+      output = super().apply(learner_params, clip_params, class_state, images, rng, train, labels)
+      return output.replace(logits=output.logits + class_state.learner_state["class_bias"])
+
+  monkeypatch.setitem(base._REGISTRY, BiasedCoOp.method, BiasedCoOp)
+  config, clip_params, images = world["config"], world["params"], world["images"]
+  learner = prompts.make_learner(BiasedCoOp.method, config, n_ctx=2)
+  plain = prompts.make_learner("coop", config, n_ctx=2)
+  state = learner.prepare_classes(clip_params, CLASSNAMES, templates=TEMPLATE)
+  plain_state = plain.prepare_classes(clip_params, CLASSNAMES, templates=TEMPLATE)
+  assert set(state.learner_state) == {"class_bias"} and plain_state.learner_state == {}
+  params = plain.init(jax.random.key(0), clip_params, plain_state)
+  biased = jax.jit(lambda s: learner.apply(params, clip_params, s, images).logits)(state)
+  expected = plain.apply(params, clip_params, plain_state, images).logits + np.arange(len(CLASSNAMES))
+  np.testing.assert_allclose(np.asarray(biased), np.asarray(expected), atol=1e-5)
+
+
 def test_renamed_hyper_parameters_still_work_with_a_warning(world):
   """Every learner's old hparam keys (flagfiles, stored run configs) build the same learner as the new field,
   with a FutureWarning naming the new key; old and new together are refused."""

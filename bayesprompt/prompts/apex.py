@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -157,18 +159,27 @@ class APEX(ContextLearner):
                                                   config=self.clip_config)
     return features.astype(jnp.float32)
 
+  def learner_class_state(self, clip_params: Params, classnames: Sequence[str],
+                          **inputs: Any) -> dict[str, jax.Array]:
+    """Adds `engine.train_class_state` (the training classes' zero-shot features, for the ensemble)."""
+    state = super().learner_class_state(clip_params, classnames, **inputs)
+    train_state = engine.train_class_state(clip_params, self.clip_config, classnames, inputs["templates"],
+                                           inputs["train_classnames"])
+    return {**state, **train_state}
+
   def adapt(self, learner_params: Params, text_features: jax.Array) -> jax.Array:
     """The text adapter t·W + b on [..., D] raw text features."""
     return engine.dense(learner_params["adapter"], text_features)
 
   def ensemble_weights(self, class_state: engine.ClassState) -> jax.Array:
     """α [C] of the class list against the training classes (see `adaptive_ensemble_weights`)."""
-    if class_state.zeroshot_text_features is None or class_state.train_text_features is None:
+    train_text = class_state.learner_state.get("train_text_features")
+    if class_state.zeroshot_text_features is None or train_text is None:
       raise ValueError("apex: the test-time ensemble needs the class state's zero-shot text features of the "
                        "test and of the training classes: call learner.prepare_classes(clip_params, "
                        "classnames, templates=..., train_classnames=<the classes the params were trained "
                        "on>)")
-    return adaptive_ensemble_weights(class_state.zeroshot_text_features, class_state.train_text_features,
+    return adaptive_ensemble_weights(class_state.zeroshot_text_features, train_text,
                                      beta=self.beta, threshold=self.distance_threshold)
 
   def _image_features_raw(self, learner_params: Params, clip_params: Params, images: jax.Array,

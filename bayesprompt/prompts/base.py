@@ -142,15 +142,29 @@ class PromptLearner:
       train_classnames: the classes the learner is (or was) trained on; used only by learners with
         `needs_train_classes` (ignored otherwise, so callers may always pass it). Default: `classnames`.
     Returns:
-      `engine.ClassState`, a pytree of arrays.
+      `engine.ClassState`, a pytree of arrays; `learner_state` holds what `learner_class_state` returns
+      (class_prototypes and train_classnames reach only the learners that use them).
     """
-    if self.needs_train_classes:
-      train_classnames = classnames if train_classnames is None else train_classnames
-    else:
-      train_classnames = None
-    return engine.prepare_class_state(clip_params, self.clip_config, self._layout(), classnames,
-                                      templates=templates, class_prototypes=class_prototypes,
-                                      train_classnames=train_classnames, full_context=self.full_context)
+    if self.needs_train_classes and train_classnames is None:
+      train_classnames = classnames
+    state = engine.prepare_class_state(clip_params, self.clip_config, self._layout(), classnames,
+                                       templates=templates, full_context=self.full_context)
+    return state.replace(learner_state=self.learner_class_state(
+        clip_params, classnames, templates=templates, class_prototypes=class_prototypes,
+        train_classnames=train_classnames))
+
+  def learner_class_state(self, clip_params: Params, classnames: Sequence[str], *,
+                          templates: str | Sequence[str] | None,
+                          class_prototypes: jax.Array | np.ndarray | None,
+                          train_classnames: Sequence[str] | None) -> dict[str, jax.Array]:
+    """This learner's own per-class arrays (`ClassState.learner_state`), from `prepare_classes`' arguments.
+
+    The default has none. A learner that needs per-class state overrides this in its own file (calling
+    `super()` first, so mixed-in learners such as VaMP-MMRL get both parents' entries); the shared
+    `ClassState` does not change.
+    """
+    del clip_params, classnames, templates, class_prototypes, train_classnames
+    return {}
 
   def predict_probs(self, output: LearnerOutput) -> jax.Array:
     """Predictive class probabilities [B, C]: mean over samples of the softmax (log-mean-exp)."""

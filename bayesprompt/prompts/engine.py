@@ -55,14 +55,12 @@ class ClassState:
     ctx_index: [C, T] int32, which ctx token fills each position (0 where `ctx_mask` is False).
     ctx_mask: [C, T] bool, True at the learnable-context positions.
     pool_index: [C] int32 position of EOT (the pooled token).
-    class_prototypes: [C, D] float32 mean frozen-CLIP image feature per class (VaMP's class-aware prior),
-      or None.
     zeroshot_text_features: [C, D] float32 normalised frozen-CLIP text features of the hand-crafted
-      template(s) (template ensemble: mean of normalised features, renormalised), or None.
-    train_text_features: [C_train, D] float32 the same frozen zero-shot features of the classes the learner
-      was trained on (APEX's test-time ensemble compares test classes with them), or None.
-    is_train_class: [C] bool, True where a class of this list is one of the training classes (MMRL fuses
-      its two heads on those), or None.
+      template(s) (`zeroshot_text_features`: the frozen zero-shot classifier), or None.
+    learner_state: the learner's own per-class arrays, {name: array}, filled by its
+      `PromptLearner.learner_class_state` and read only by that learner (e.g. VaMP's "class_prototypes"
+      [C, D]; APEX's and MMRL's `train_class_state`: "train_text_features" [C_train, D], "is_train_class"
+      [C] bool). A new learner keeps its per-class state here, in its own file; the engine never reads it.
   """
 
   token_ids: jax.Array
@@ -70,10 +68,8 @@ class ClassState:
   ctx_index: jax.Array
   ctx_mask: jax.Array
   pool_index: jax.Array
-  class_prototypes: jax.Array | None = None
   zeroshot_text_features: jax.Array | None = None
-  train_text_features: jax.Array | None = None
-  is_train_class: jax.Array | None = None
+  learner_state: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
 
   @property
   def num_classes(self) -> int:
@@ -169,8 +165,6 @@ def check_layout(layout: PromptLayout, tokenizer) -> None:
 
 def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: PromptLayout,
                         classnames: Sequence[str], *, templates: str | Sequence[str] | None = None,
-                        class_prototypes: jax.Array | np.ndarray | None = None,
-                        train_classnames: Sequence[str] | None = None,
                         full_context: bool = False) -> ClassState:
   """Builds the `ClassState` of a class list (runs outside jit; tokenizes with the model's tokenizer).
 
@@ -180,12 +174,10 @@ def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: Pr
     layout: the learner's prompt layout.
     classnames: C class names; "_" reads as a space (CoOp convention).
     templates: hand-crafted template(s) with "{}" -> `zeroshot_text_features` [C, D]; None: not computed.
-    class_prototypes: optional [C, D] class prototypes, stored as float32.
-    train_classnames: the classes the learner is (or was) trained on -> `train_text_features` (needs
-      `templates`) and `is_train_class`; None: neither is computed.
     full_context: pad to the full context length even where trimming is exact.
+  The learner-owned `learner_state` is left empty (`PromptLearner.prepare_classes` fills it).
   Raises:
-    ValueError: empty class list, a prompt longer than the context (naming the class), bad prototypes.
+    ValueError: empty class list, a prompt longer than the context (naming the class).
   """
   names = clean_classnames(classnames)
   tokenizer = clip.get_tokenizer(config)
@@ -219,23 +211,27 @@ def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: Pr
                      pool_index=jnp.asarray(pool_index))
   if templates is not None:
     state = state.replace(zeroshot_text_features=zeroshot_text_features(clip_params, config, names, templates))
-  if class_prototypes is not None:
-    prototypes = jnp.asarray(class_prototypes, jnp.float32)
-    if prototypes.shape != (num_classes, config.embed_dim):
-      raise ValueError(f"class_prototypes must be [{num_classes}, {config.embed_dim}] (classes x embed_dim), "
-                       f"got shape {tuple(prototypes.shape)}")
-    state = state.replace(class_prototypes=prototypes)
-  if train_classnames is not None:
-    if templates is None:
-      raise ValueError("train_classnames needs templates: the training classes' zero-shot text features are "
-                       "computed with the same hand-crafted template(s)")
-    if isinstance(train_classnames, str) or not train_classnames:
-      raise ValueError(f"train_classnames must be a non-empty sequence of class names, got {train_classnames!r}")
-    train_names = [str(n).replace("_", " ").strip() for n in train_classnames]
-    state = state.replace(
-        train_text_features=zeroshot_text_features(clip_params, config, train_names, templates),
-        is_train_class=jnp.asarray([name in set(train_names) for name in names]))
   return state
+
+
+def train_class_state(clip_params: Params, config: clip.CLIPConfig, classnames: Sequence[str],
+                      templates: str | Sequence[str] | None,
+                      train_classnames: Sequence[str]) -> dict[str, jax.Array]:
+  """Learner state of the learners whose test-time rule depends on the training classes (APEX, MMRL):
+  {"train_text_features": [C_train, D] float32 zero-shot features of the training classes (same templates),
+  "is_train_class": [C] bool, True where a class of `classnames` is a training class}.
+
+  Raises:
+    ValueError: no templates, or an empty / single-str training class list.
+  """
+  if templates is None:
+    raise ValueError("train_classnames needs templates: the training classes' zero-shot text features are "
+                     "computed with the same hand-crafted template(s)")
+  if isinstance(train_classnames, str) or not train_classnames:
+    raise ValueError(f"train_classnames must be a non-empty sequence of class names, got {train_classnames!r}")
+  names, train_names = clean_classnames(classnames), clean_classnames(train_classnames)
+  return {"train_text_features": zeroshot_text_features(clip_params, config, train_names, templates),
+          "is_train_class": jnp.asarray([name in set(train_names) for name in names])}
 
 
 def clean_classnames(classnames: Sequence[str]) -> list[str]:

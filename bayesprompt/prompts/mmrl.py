@@ -18,13 +18,14 @@ Loss (official MMRL_Loss):
   α·CE(class head) + (1 − α)·CE(rep head) + λ·(1 − mean_b cos(f_img, f_img^CLIP))
                                           + λ·(1 − mean_c cos(f_txt, f_txt^CLIP))
 with f_img the class-head image feature, f_img^CLIP the frozen CLIP image feature, f_txt^CLIP the frozen
-zero-shot text feature of the same template. α = 0.7 (`class_head_weight`); λ is per dataset (`reg_weight`, see the vitb16
-flagfile). The objective plug-ins compute the CE (or OVE-PG) part from `LearnerOutput.logits` (class head,
-weight 1 − aux_weight = α) and `aux_logits` (representation head, weight 1 − α); the λ terms arrive as
-`LearnerOutput.aux_loss`.
+zero-shot text feature of the same template. α = 0.7 (`class_head_weight`); λ is per dataset (`reg_weight`,
+see the vitb16 flagfile). The objective plug-ins compute the CE (or OVE-PG) part from `LearnerOutput.logits`
+(class head, weight 1 − aux_weight = α) and `aux_logits` (representation head, weight 1 − α); the λ terms
+arrive as `LearnerOutput.aux_loss`.
 Inference (decoupled, official `test`): logits α·cls + (1 − α)·rep for the classes the learner was trained on
-(`ClassState.is_train_class`), class-head logits for the other classes; column by column, so one class list
-may mix both (the official code decides per split: base -> fused, new -> class head).
+(`ClassState.learner_state["is_train_class"]`, this learner's own class state), class-head logits for the
+other classes; column by column, so one class list may mix both (the official code decides per split:
+base -> fused, new -> class head).
 
 Checked against the official code (yunncheng/MMRL): ln_post is applied to each representation token before
 the mean; the text input is the dataset's hand-crafted template (the first template given to
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,14 @@ class RepresentationBackbone:
   renamed_hparams: ClassVar[dict[str, str]] = {"alpha": "class_head_weight"}
 
   prepare_classes = template_prepare_classes
+
+  def learner_class_state(self, clip_params: Params, classnames: Sequence[str],
+                          **inputs: Any) -> dict[str, jax.Array]:
+    """Adds `engine.train_class_state` ("is_train_class": where the decoupled inference fuses the heads)."""
+    state = super().learner_class_state(clip_params, classnames, **inputs)
+    train_state = engine.train_class_state(clip_params, self.clip_config, classnames, inputs["templates"],
+                                           inputs["train_classnames"])
+    return {**state, **train_state}
 
   def _check_backbone(self) -> None:
     method, config = self.method, self.clip_config
@@ -242,7 +251,8 @@ class RepresentationBackbone:
       if self.reg_weight > 0:
         aux_loss, frozen = self._regulariser(clip_params, class_state, images, image, text, labels, frozen)
     else:
-      logits = self.decoupled_logits(class_logits, rep_logits, class_state.is_train_class)
+      is_train_class = class_state.learner_state.get("is_train_class")  # [C] bool
+      logits = self.decoupled_logits(class_logits, rep_logits, is_train_class)
     return LearnerOutput(logits=logits, kl=kl, image_features=image, frozen_image_features=frozen,
                          aux_logits=rep_logits, aux_loss=aux_loss,
                          aux_weight=1.0 - float(self.class_head_weight))

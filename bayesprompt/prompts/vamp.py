@@ -27,7 +27,8 @@ log-variances start at 0 (σ = 1: the scale of the N(0, I) test prior, as BPL st
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -172,20 +173,34 @@ class VaMP(PromptLearner):
     replaced in place at the later prompted layers."""
     return insert_then_replace(self.prompted_layers, z, position=1)
 
+  def learner_class_state(self, clip_params: Params, classnames: Sequence[str],
+                          **inputs: Any) -> dict[str, jax.Array]:
+    """Adds "class_prototypes" [C, D] float32 (the class-aware prior's condition) when given."""
+    state = super().learner_class_state(clip_params, classnames, **inputs)
+    if inputs["class_prototypes"] is None:
+      return state
+    prototypes = jnp.asarray(inputs["class_prototypes"], jnp.float32)
+    expected = (len(engine.clean_classnames(classnames)), self.clip_config.embed_dim)
+    if prototypes.shape != expected:
+      raise ValueError(f"class_prototypes must be [{expected[0]}, {expected[1]}] (classes x embed_dim), "
+                       f"got shape {tuple(prototypes.shape)}")
+    return {**state, "class_prototypes": prototypes}
+
   def _check_inputs(self, class_state, images, rng, train, labels) -> None:
     require_rng(self.method, rng)
     if train and self.class_aware_prior:
-      if labels is None or class_state.class_prototypes is None:
+      if labels is None or "class_prototypes" not in class_state.learner_state:
         raise ValueError(f"{self.method}: training with the class-aware prior needs labels [B] and class "
-                         "prototypes (prepare_classes(..., class_prototypes=[C, D] mean frozen image features per "
-                         "class)); set class_aware_prior=False for an N(0, I) prior")
+                         "prototypes (prepare_classes(..., class_prototypes=[C, D] mean frozen image "
+                         "features per class)); set class_aware_prior=False for an N(0, I) prior")
       if jnp.shape(labels) != images.shape[:1]:
         raise ValueError(f"{self.method}: labels must be [{images.shape[0]}] (one per image), "
                          f"got shape {jnp.shape(labels)}")
 
   def _kl(self, learner_params, class_state, mean, log_var, train, labels):
     if train and self.class_aware_prior:
-      prior_mean, prior_log_var = self.prior(learner_params, class_state.class_prototypes[jnp.asarray(labels)])
+      prototypes = class_state.learner_state["class_prototypes"]  # [C, D]
+      prior_mean, prior_log_var = self.prior(learner_params, prototypes[jnp.asarray(labels)])
       kl = engine.gaussian_kl(mean, log_var, prior_mean, prior_log_var)
     else:
       kl = engine.gaussian_kl(mean, log_var)
