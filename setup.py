@@ -27,8 +27,9 @@ setuptools.setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # Only the library ships: experiments/ (the binaries), benchmarks/ and tests/ are repository tools, run from a
-    # checkout (`python -m experiments.<name>`); a wheel must not claim generic top-level names like "experiments".
+    # Only the library ships: experiments/ (the binaries), benchmarks/ and tests/ are repository tools, run
+    # from a checkout (`python -m experiments.<name>`); a wheel must not claim generic top-level names like
+    # "experiments".
     packages=setuptools.find_packages(include=["bayesprompt", "bayesprompt.*"]),
     package_data={
         "bayesprompt": ["clip/assets/*", "data/assets/*", "assets/*", "assets/**/*"],

@@ -37,7 +37,8 @@ def resolve_renamed_keys(values: Mapping[str, Any], renamed: Mapping[str, str], 
 
 
 def resolve_renamed_value(value: str, renamed: Mapping[str, str], kind: str) -> str:
-  """The new spelling of `value` if it is an old one of `renamed` (old -> new), with a warning; else `value`."""
+  """The new spelling of `value` if it is an old one of `renamed` (old -> new), with a warning; else
+  `value`."""
   if value in renamed:
     warn_renamed(kind, value, renamed[value])
     return renamed[value]

@@ -149,6 +149,7 @@ def test_splits_are_named_from_the_one_benchmark_split_list():
   assert sources.BENCHMARK_SPLITS is registry.BENCHMARK_SPLITS
   for name in data.dataset_names():
     assert set(data.get_dataset(name).splits) <= set(registry.BENCHMARK_SPLITS), name
-  with pytest.raises(ValueError, match="'oops': splits must map some of .* got keys \\['test', 'validation'\\]"):
+  message = "'oops': splits must map some of .* got keys \\['test', 'validation'\\]"
+  with pytest.raises(ValueError, match=message):
     registry.DatasetSpec(name="oops", tfds_name="x", splits={"validation": "validation", "test": "test"},
                          classnames=["a", "b"])

@@ -145,7 +145,8 @@ def test_binary_end_to_end(fixtures_dir, word_tokenizer_path, tmp_path):
   assert (run_dir / "results.md").exists() and (run_dir / "results.csv").exists()
 
 
-def test_template_flag_replaces_the_hand_crafted_prompt(fixtures_dir, word_tokenizer_path, tmp_path, monkeypatch):
+def test_template_flag_replaces_the_hand_crafted_prompt(fixtures_dir, word_tokenizer_path, tmp_path,
+                                                        monkeypatch):
   import tensorflow_datasets as tfds
 
   from bayesprompt.eval import zeroshot as zeroshot_lib
@@ -158,7 +159,8 @@ def test_template_flag_replaces_the_hand_crafted_prompt(fixtures_dir, word_token
     return original(params, config, classnames, template, **kwargs)
 
   monkeypatch.setattr(zeroshot_lib, "zeroshot_text_features", recording)
-  kwargs = dict(protocol="base2new", data_dir=str(tmp_path / "tfds"), source=None, batch_size=8, max_examples=None,
+  kwargs = dict(protocol="base2new", data_dir=str(tmp_path / "tfds"), source=None, batch_size=8,
+                max_examples=None,
                 tokenizer=str(word_tokenizer_path), num_threads=1, progress=False)
   with tfds.testing.mock_data(num_examples=24):
     default = zeroshot_lib.evaluate_checkpoint(str(fixtures_dir / "openclip_vit_tiny"), [DATASET],
@@ -170,7 +172,8 @@ def test_template_flag_replaces_the_hand_crafted_prompt(fixtures_dir, word_token
   assert set(custom[DATASET]) == set(default[DATASET]) == {"base", "new", "hm"}
   for bad in ("a photo of a dog.", "a {} of a {}.", "a {0} photo."):
     with pytest.raises(ValueError, match="exactly one '{}'"):
-      zeroshot_lib.evaluate_checkpoint("unused", [DATASET], run_dir=str(tmp_path / "c"), template=bad, **kwargs)
+      zeroshot_lib.evaluate_checkpoint("unused", [DATASET], run_dir=str(tmp_path / "c"), template=bad,
+                                       **kwargs)
 
 
 def test_binary_rejects_unknown_dataset(fixtures_dir, tmp_path):

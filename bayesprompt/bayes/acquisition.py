@@ -43,7 +43,8 @@ def check_probabilities(probs: Array, name: str, atol: float = 1e-3) -> None:
   worst = float(jnp.max(jnp.abs(sums - 1.0)))
   if not worst <= atol:
     index = np.unravel_index(int(jnp.argmax(jnp.abs(sums - 1.0))), sums.shape)
-    raise ValueError(f"{name} must sum to 1 over the last axis (classes); {name}[{', '.join(map(str, index))}]"
+    where = ", ".join(map(str, index))
+    raise ValueError(f"{name} must sum to 1 over the last axis (classes); {name}[{where}]"
                      f" sums to {float(sums[index])}")
 
 

@@ -125,8 +125,8 @@ def _check_nonzero_rows(name: str, rows: Array) -> None:
   bad = ~(jnp.isfinite(sq_norms) & (sq_norms > 0))
   if bool(jnp.any(bad)):
     index = int(jnp.argmax(bad))
-    raise ValueError(f"{name}[{index}] has norm {float(jnp.sqrt(sq_norms[index]))}; the KFAC curvature normalises "
-                     f"every row, so rows must be finite and non-zero")
+    raise ValueError(f"{name}[{index}] has norm {float(jnp.sqrt(sq_norms[index]))}; the KFAC curvature "
+                     f"normalises every row, so rows must be finite and non-zero")
 
 
 def _check_likelihood(likelihood: str) -> None:
@@ -791,9 +791,10 @@ def save_factors(
 ) -> pathlib.Path:
   """Writes factors (e.g. {"img": ..., "txt": ...}) and JSON metadata (n, λ, model name) with orbax.
 
-  Every leaf is written as a host NumPy array: orbax's save is collective and writes NumPy arrays from process 0
-  only, so every process of a multi-host run can call this (a process-local jax.Array could not be saved
-  there), and host arrays restore on any number of devices (a replicated global array's sharding would not).
+  Every leaf is written as a host NumPy array: orbax's save is collective and writes NumPy arrays from
+  process 0 only, so every process of a multi-host run can call this (a process-local jax.Array could not be
+  saved there), and host arrays restore on any number of devices (a replicated global array's sharding would
+  not).
   """
   import orbax.checkpoint as ocp  # Imported lazily: orbax is slow to import and only needed here.
 

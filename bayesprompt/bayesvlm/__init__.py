@@ -1,7 +1,8 @@
 """The BayesVLM pipeline (arXiv 2412.06014) on top of the pure primitives of `bayesprompt.bayes`.
 
   features.py        cached pre-projection image features and class-prompt text features
-  hessian.py         KFAC-GGN factors of both projections from image–caption pairs (chunked, resumable, sharded)
+  hessian.py         KFAC-GGN factors of both projections from image–caption pairs (chunked, resumable,
+                     sharded)
   vlm.py             tower posteriors (λ fitted by the Laplace evidence), zero-shot predictive, metrics
   active.py          acquisition over a pool (random / entropy / BALD / EPIG, direct or kNN-targeted), online
                      rank-one updates, fine-tuning of the image projection

@@ -58,15 +58,16 @@ def feature_cache_dir(cfg: dict, run_dir: pathlib.Path) -> pathlib.Path | None:
 
 
 def run_zero_shot(cfg: dict, run_dir: str | os.PathLike, mesh=None) -> dict:
-  """The BayesVLM zero-shot experiment; returns {dataset: {"map": metrics, "bayesvlm": metrics}}. `mesh`: estimate factors
-  data-parallel (when there is no --factors_dir)."""
+  """The BayesVLM zero-shot experiment; returns {dataset: {"map": metrics, "bayesvlm": metrics}}.
+  `mesh`: estimate factors data-parallel (when there is no --factors_dir)."""
   if not cfg["dataset"]:
     raise UserError("--dataset is empty: name at least one registry dataset")
   run_dir = pathlib.Path(run_dir)
   config, params, tokenizer = factors.load_model(cfg)
   fingerprint = features_lib.params_fingerprint(params)
   feature_dir = feature_cache_dir(cfg, run_dir)
-  writer = ResultsWriter(run_dir, title=f"BayesVLM zero-shot ({cfg['checkpoint']}, n={cfg['pseudo_data_count']:g})")
+  title = f"BayesVLM zero-shot ({cfg['checkpoint']}, n={cfg['pseudo_data_count']:g})"
+  writer = ResultsWriter(run_dir, title=title)
   out = {}
   with RunDir(run_dir, cfg, tensorboard=False) as rd:
     posts, lams, info, _ = factors.posteriors(cfg, config, params, tokenizer, run_dir, fingerprint, mesh=mesh)

@@ -40,8 +40,9 @@ def get_tokenizer(config_or_spec):
 
 
 __all__ = [
-    "CLIPConfig", "CheckpointError", "TextConfig", "VisionConfig", "config_names", "contrastive_logits", "edits",
-    "embed_tokens", "encode_image", "encode_text", "eot_index", "get_config", "get_tokenizer", "image_tower",
+    "CLIPConfig", "CheckpointError", "TextConfig", "VisionConfig", "config_names", "contrastive_logits",
+    "edits", "embed_tokens", "encode_image", "encode_text", "eot_index", "get_config", "get_tokenizer",
+    "image_tower",
     "init_params", "load_checkpoint", "normalize", "project_image", "project_text", "register_checkpoint",
     "register_config", "save_checkpoint", "text_tower", "text_tower_from_embeddings", "tokenize",
 ]

@@ -43,7 +43,8 @@ from bayesprompt.errors import UserError
 
 SHOT_CHOICES = (1, 2, 4, 8, 16)
 PROTOCOLS = ("base2new", "few_shot", "cross_dataset", "domain_generalization", "all")
-# The short names of the first prompt-run flags, still accepted (with a FutureWarning) by `canonical_protocol`.
+# The short names of the first prompt-run flags, still accepted (with a FutureWarning) by
+# `canonical_protocol`.
 RENAMED_PROTOCOLS = {"fewshot": "few_shot", "xd": "cross_dataset", "dg": "domain_generalization"}
 MAX_VAL_SHOTS = 4
 SAMPLERS = ("dassl", "nested")

@@ -81,8 +81,9 @@ class CrossEntropy:
   kl_weight: float | None = None
   needs_teacher: bool = dataclasses.field(default=False, init=False)
 
-  def __call__(self, output, labels: jax.Array, rng: jax.Array | None = None, teacher_logits: jax.Array | None = None,
-               *, default_sample_reduction: str = "mean_loss", default_kl_weight: float = 0.0):
+  def __call__(self, output, labels: jax.Array, rng: jax.Array | None = None,
+               teacher_logits: jax.Array | None = None, *, default_sample_reduction: str = "mean_loss",
+               default_kl_weight: float = 0.0):
     del rng, teacher_logits
     reduction = self.sample_reduction or default_sample_reduction
     kl_weight = default_kl_weight if self.kl_weight is None else self.kl_weight
@@ -93,5 +94,6 @@ class CrossEntropy:
       aux_nll = masked_mean(per_example_nll(output.aux_logits, labels, reduction), valid)
       nll = combine_heads(nll, aux_nll, output.aux_weight, metrics, "nll")
     loss = add_aux_loss(nll + kl_weight * output.kl, output, metrics)
-    accuracy = masked_mean((jnp.argmax(jnp.mean(output.logits, axis=0), -1) == labels).astype(jnp.float32), valid)
+    correct = jnp.argmax(jnp.mean(output.logits, axis=0), -1) == labels
+    accuracy = masked_mean(correct.astype(jnp.float32), valid)
     return loss, {"loss": loss, "nll": nll, "kl": output.kl, "train_accuracy": accuracy, **metrics}

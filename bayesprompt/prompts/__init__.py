@@ -1,5 +1,5 @@
-"""Prompt learners on one deep-prompt engine: coop, cocoop, maple, mpl, vpt (Bayesian Prompt Learning), vamp, apex,
-mmrl, vamp_mmrl.
+"""Prompt learners on one deep-prompt engine: coop, cocoop, maple, mpl, vpt (Bayesian Prompt Learning), vamp,
+apex, mmrl, vamp_mmrl.
 
     learner = make_learner("coop", clip_config, n_ctx=4, ctx_init="a photo of a")
     class_state = learner.prepare_classes(clip_params, classnames, templates="a photo of a {}.")

@@ -150,15 +150,17 @@ def check_layout(layout: PromptLayout, tokenizer) -> None:
   if layout.n_ctx < 0:
     raise ValueError(f"n_ctx must be >= 0, got {layout.n_ctx}")
   if layout.class_position not in CLASS_POSITIONS:
-    raise ValueError(f"unknown class_token_position {layout.class_position!r}; expected one of {CLASS_POSITIONS}")
+    raise ValueError(f"unknown class_token_position {layout.class_position!r}; "
+                     f"expected one of {CLASS_POSITIONS}")
   if layout.ctx_init is not None:
     phrase = phrase_token_ids(tokenizer, layout.ctx_init)
     if layout.n_ctx > len(phrase):
       raise ValueError(f"n_ctx={layout.n_ctx} but the init phrase {layout.ctx_init!r} has only {len(phrase)} "
                        "tokens; use a longer phrase, fewer context tokens, or random init (ctx_init=None)")
     if layout.class_position != "end" and layout.n_ctx != len(phrase):
-      raise ValueError(f"class_token_position={layout.class_position!r} needs the whole init phrase as context "
-                       f"(n_ctx = {len(phrase)} tokens of {layout.ctx_init!r}), got n_ctx={layout.n_ctx}")
+      raise ValueError(f"class_token_position={layout.class_position!r} needs the whole init phrase as "
+                       f"context (n_ctx = {len(phrase)} tokens of {layout.ctx_init!r}), "
+                       f"got n_ctx={layout.n_ctx}")
   if layout.class_position != "end" and layout.fixed_text:
     raise ValueError(f"class_token_position={layout.class_position!r} does not support fixed_text")
 
@@ -188,8 +190,9 @@ def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: Pr
     sequence = _class_sequence(tokenizer, layout, name)
     if len(sequence) > context_length:
       raise ValueError(
-          f"class {name!r}: its prompt needs {len(sequence)} tokens (SOT + {layout.n_ctx} context + text + EOT) "
-          f"but the text context length is {context_length}; shorten the class name or use fewer context tokens")
+          f"class {name!r}: its prompt needs {len(sequence)} tokens (SOT + {layout.n_ctx} context + text + "
+          f"EOT) but the text context length is {context_length}; shorten the class name or use fewer "
+          "context tokens")
     sequences.append(sequence)
   trim = config.text.causal and config.text.pool == "eot" and not full_context
   length = max(len(s) for s in sequences) if trim else context_length
@@ -210,7 +213,8 @@ def prepare_class_state(clip_params: Params, config: clip.CLIPConfig, layout: Pr
                      ctx_index=jnp.asarray(ctx_index), ctx_mask=jnp.asarray(ctx_mask),
                      pool_index=jnp.asarray(pool_index))
   if templates is not None:
-    state = state.replace(zeroshot_text_features=zeroshot_text_features(clip_params, config, names, templates))
+    zeroshot = zeroshot_text_features(clip_params, config, names, templates)
+    state = state.replace(zeroshot_text_features=zeroshot)
   return state
 
 
@@ -228,7 +232,8 @@ def train_class_state(clip_params: Params, config: clip.CLIPConfig, classnames: 
     raise ValueError("train_classnames needs templates: the training classes' zero-shot text features are "
                      "computed with the same hand-crafted template(s)")
   if isinstance(train_classnames, str) or not train_classnames:
-    raise ValueError(f"train_classnames must be a non-empty sequence of class names, got {train_classnames!r}")
+    raise ValueError(f"train_classnames must be a non-empty sequence of class names, "
+                     f"got {train_classnames!r}")
   names, train_names = clean_classnames(classnames), clean_classnames(train_classnames)
   return {"train_text_features": zeroshot_text_features(clip_params, config, train_names, templates),
           "is_train_class": jnp.asarray([name in set(train_names) for name in names])}
@@ -313,8 +318,9 @@ def zeroshot_text_features(clip_params: Params, config: clip.CLIPConfig, classna
     if token_ids.shape != (len(prompts), context):
       raise ValueError(f"tokenizer returned shape {token_ids.shape}; expected {(len(prompts), context)}")
     if token_ids.min() < 0 or token_ids.max() >= config.text.vocab_size:
-      raise ValueError(f"tokenizer ids span [{token_ids.min()}, {token_ids.max()}] but the model's vocabulary "
-                       f"has {config.text.vocab_size} ids: the tokenizer does not match the checkpoint")
+      raise ValueError(f"tokenizer ids span [{token_ids.min()}, {token_ids.max()}] but the model's "
+                       f"vocabulary has {config.text.vocab_size} ids: the tokenizer does not match the "
+                       "checkpoint")
     chunks = [clip.encode_text(clip_params, token_ids[i:i + batch_size], config=config)
               for i in range(0, len(token_ids), batch_size)]
     features = clip.normalize(jnp.concatenate(chunks))
@@ -345,9 +351,9 @@ def build_prompts(class_state: ClassState, ctx: jax.Array, *, class_specific: bo
   fixed = class_state.token_embeddings
   if class_specific:
     if ctx.ndim != 3 or ctx.shape[0] != class_state.num_classes:
-      raise ValueError(f"class-specific context must be [{class_state.num_classes}, n_ctx, width] (one per class), "
-                       f"got shape {tuple(ctx.shape)}; it was trained for another number of classes and cannot "
-                       "transfer to a new class list")
+      raise ValueError(f"class-specific context must be [{class_state.num_classes}, n_ctx, width] (one per "
+                       f"class), got shape {tuple(ctx.shape)}; it was trained for another number of classes "
+                       "and cannot transfer to a new class list")
     gathered = jnp.take_along_axis(ctx, class_state.ctx_index[..., None], axis=1)
   else:
     gathered = jnp.take(ctx, class_state.ctx_index, axis=-2)  # [..., C, T, W]
@@ -357,8 +363,9 @@ def build_prompts(class_state: ClassState, ctx: jax.Array, *, class_specific: bo
 # ------------------------------------------------------------------------------------------ towers
 
 
-def text_features(clip_params: Params, config: clip.CLIPConfig, prompts: jax.Array, pool_index: jax.Array,
-                  edits: clip.edits.Schedule | None = None, projection_inputs: bool = False) -> jax.Array | dict:
+def text_features(clip_params: Params, config: clip.CLIPConfig, prompts: jax.Array,
+                  pool_index: jax.Array, edits: clip.edits.Schedule | None = None,
+                  projection_inputs: bool = False) -> jax.Array | dict:
   """Normalised text features of prompt embeddings, one batched tower call.
 
   Args:
@@ -397,8 +404,8 @@ def _text_sub_tower(clip_params: Params, config: clip.CLIPConfig, start: int, st
   return {**clip_params, "text": text}, sub_config
 
 
-def text_hidden_states(clip_params: Params, config: clip.CLIPConfig, prompts: jax.Array, pool_index: jax.Array,
-                       num_layers: int) -> jax.Array:
+def text_hidden_states(clip_params: Params, config: clip.CLIPConfig, prompts: jax.Array,
+                       pool_index: jax.Array, num_layers: int) -> jax.Array:
   """Token sequence [M, T, W_t] after the first `num_layers` text blocks (positional embedding included).
 
   With `text_features_from_hidden` this splits the text tower in two, so a prefix of layers that sees no
@@ -446,7 +453,8 @@ def image_features(clip_params: Params, config: clip.CLIPConfig, images: jax.Arr
   return clip.normalize(features)
 
 
-def logits(clip_params: Params, image_feats: jax.Array, text_feats: jax.Array, *, per_image: bool) -> jax.Array:
+def logits(clip_params: Params, image_feats: jax.Array, text_feats: jax.Array, *,
+           per_image: bool) -> jax.Array:
   """exp(logit_scale)·cos (+ logit_bias for SigLIP) from normalised features.
 
   Args:
@@ -503,8 +511,8 @@ def stacked_dense(layer: Params, x: jax.Array) -> jax.Array:
 def gaussian_kl(mean_q: jax.Array, log_var_q: jax.Array, mean_p: jax.Array | float = 0.0,
                 log_var_p: jax.Array | float = 0.0) -> jax.Array:
   """Elementwise KL(N(mean_q, exp(log_var_q)) ‖ N(mean_p, exp(log_var_p))), broadcasting."""
-  return 0.5 * (log_var_p - log_var_q + (jnp.exp(log_var_q) + jnp.square(mean_q - mean_p)) * jnp.exp(-log_var_p)
-                - 1.0)
+  return 0.5 * (log_var_p - log_var_q
+                + (jnp.exp(log_var_q) + jnp.square(mean_q - mean_p)) * jnp.exp(-log_var_p) - 1.0)
 
 
 def mean_softmax(logits_samples: jax.Array) -> jax.Array:

@@ -81,7 +81,8 @@ class MaPLe(ContextLearner):
 
   def init(self, rng: jax.Array, clip_params: Params, class_state: engine.ClassState) -> Params:
     k_ctx, k_deep, k_proj, k_deep_proj = jax.random.split(rng, 4)
-    t_width, v_width, n, deep = self.clip_config.text.width, self.clip_config.vision.width, self.n_ctx, self.depth - 1
+    t_width, v_width = self.clip_config.text.width, self.clip_config.vision.width
+    n, deep = self.n_ctx, self.depth - 1
     params = {"ctx": self._init_ctx(k_ctx, clip_params)}
     if deep:
       params["deep_text"] = 0.02 * jax.random.normal(k_deep, (deep, n, t_width), jnp.float32)
@@ -154,7 +155,8 @@ class MPL(MaPLe):
 
   def __post_init__(self):
     if not self.coupling:
-      raise ValueError("mpl: the vision prompts are the method; coupling must be True (use maple for text-only)")
+      raise ValueError("mpl: the vision prompts are the method; coupling must be True "
+                       "(use maple for text-only)")
     super().__post_init__()
     for name in ("n_add", "n_rm"):
       value = getattr(self, name)
@@ -163,11 +165,11 @@ class MPL(MaPLe):
     added = self.n_add * self.n_ctx
     if not self.n_rm < added + 1:
       raise ValueError(f"mpl: n_rm={self.n_rm} removed vision prompts must be fewer than n_add*n_ctx + 1 = "
-                       f"{added + 1} (n_add={self.n_add} added per context token, n_ctx={self.n_ctx}); the prompt "
-                       "count would shrink layer after layer")
+                       f"{added + 1} (n_add={self.n_add} added per context token, n_ctx={self.n_ctx}); the "
+                       "prompt count would shrink layer after layer")
     if self.n_rm > self.n_ctx:
-      raise ValueError(f"mpl: n_rm={self.n_rm} exceeds the n_ctx={self.n_ctx} vision prompts present at layer 1; "
-                       "it would drop image tokens")
+      raise ValueError(f"mpl: n_rm={self.n_rm} exceeds the n_ctx={self.n_ctx} vision prompts present at "
+                       "layer 1; it would drop image tokens")
 
   def _layout(self) -> engine.PromptLayout:
     return engine.PromptLayout(n_ctx=self.n_ctx, ctx_init=self.ctx_init, fixed_text=self.fixed_text,

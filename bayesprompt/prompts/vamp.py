@@ -21,7 +21,8 @@ they run once per class and only blocks J.. run per (sample, image, class) (`sha
 Defaults that the paper text available to us did not pin down and that follow MMRL (the deep-prompt
 baseline VaMP builds on, REP_LAYERS 6..12, 5 tokens): J = layers//2 - 1 (block 5 of 12), H = to the last
 layer, M = 5; generator / prior hidden width D/16 (CoCoOp's meta-net ratio), posterior hidden W_t/4;
-log-variances start at 0 (σ = 1: the scale of the N(0, I) test prior, as BPL starts near log-variance 0). Check these against the official code.
+log-variances start at 0 (σ = 1: the scale of the N(0, I) test prior, as BPL starts near log-variance 0).
+Check these against the official code.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class VaMP(PromptLearner):
     prompts, m = learner_params["vision_prompts"], self.n_tokens
     schedule = {}
     for h, layer in enumerate(self.prompted_layers):
-      schedule[layer] = [edits_lib.insert(prompts[h]) if h == 0 else edits_lib.replace(prompts[h], position=-m)]
+      edit = edits_lib.insert(prompts[h]) if h == 0 else edits_lib.replace(prompts[h], position=-m)
+      schedule[layer] = [edit]
     return schedule
 
   def text_edits(self, z: jax.Array) -> dict:
@@ -235,8 +237,8 @@ class VaMP(PromptLearner):
     batch, num_classes = z.shape[2], class_state.num_classes
     seq_pool = jnp.broadcast_to(class_state.pool_index, (batch, num_classes)).reshape(-1)  # [B·C]
     if self.share_text_prefix:
-      hidden = engine.text_hidden_states(clip_params, config, class_state.token_embeddings, class_state.pool_index,
-                                         self.first_layer)  # [C, T, W_t], once per class
+      hidden = engine.text_hidden_states(clip_params, config, class_state.token_embeddings,
+                                         class_state.pool_index, self.first_layer)  # [C, T, W_t], per class
     else:
       hidden = class_state.token_embeddings
 

@@ -105,7 +105,8 @@ class CheckpointManager:
     manager.close()                                   # waits for pending (async) writes
   """
 
-  def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int = 1, max_to_keep: int | None = 3,
+  def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int = 1,
+               max_to_keep: int | None = 3,
                config: Mapping[str, Any] | None = None, ignore_config_keys: Iterable[str] = (),
                async_save: bool = True):
     """Args:

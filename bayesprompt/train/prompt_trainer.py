@@ -47,11 +47,13 @@ def frozen_teacher_logits(clip_params, clip_config, text_features: jax.Array, im
   """
   if frozen_image_features is None:
     frozen_image_features = clip.normalize(clip.image_tower(clip_params, images, config=clip_config)[0])
-  return jax.lax.stop_gradient(engine.logits(clip_params, frozen_image_features, text_features, per_image=False))
+  logits = engine.logits(clip_params, frozen_image_features, text_features, per_image=False)
+  return jax.lax.stop_gradient(logits)
 
 
 def _official_trainer_kwarg(objective, learner) -> dict:
-  """{"official_trainer": ...} for objectives that reproduce a learner's official trainer (OVE-PG faithful)."""
+  """{"official_trainer": ...} for objectives that reproduce a learner's official trainer (OVE-PG
+  faithful)."""
   if getattr(objective, "mode", None) != "faithful":
     return {}
   return {"official_trainer": getattr(learner, "official_ove_pg_trainer", None)}
@@ -97,8 +99,9 @@ def train_step_fn(learner, objective, optimizer: optax.GradientTransformation):
 
 
 def make_train_step(learner, objective, optimizer: optax.GradientTransformation):
-  """Returns a jitted `step(state, clip_params, class_state, images, labels, teacher_text) -> (state, metrics)`
-  (see `train_step_fn`); the state argument is donated."""
+  """Returns a jitted
+  `step(state, clip_params, class_state, images, labels, teacher_text) -> (state, metrics)` (see
+  `train_step_fn`); the state argument is donated."""
   return jax.jit(train_step_fn(learner, objective, optimizer), donate_argnums=(0,))
 
 

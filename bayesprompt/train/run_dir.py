@@ -3,7 +3,8 @@
 Layout of `RunDir(path, config)`:
   path/config.json     the resolved flags / config of the run (JSON), its command line and start time
   path/git.json        git revision of the source tree and whether it had uncommitted changes (if in git)
-  path/metrics.jsonl   one JSON object per `write_scalars` call: {"step": int, "time": float, name: value, ...}
+  path/metrics.jsonl   one JSON object per `write_scalars` call:
+                       {"step": int, "time": float, name: value, ...}
   path/tensorboard/    the same scalars as TensorBoard event files (written with tensorboardX, which needs no
                        tensorflow; skipped with a log line if tensorboardX is not installed)
 
@@ -49,7 +50,8 @@ def git_revision(path: str | os.PathLike | None = None) -> dict[str, Any]:
   cwd = pathlib.Path(path) if path is not None else pathlib.Path(__file__).resolve().parent
   def run(*args):
     try:
-      return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout
+      done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+      return done.stdout
     except (OSError, subprocess.SubprocessError):
       return None
   revision = run("rev-parse", "HEAD")

@@ -63,7 +63,8 @@ for _name, _task in _CLASSIFICATION.items():
       classnames=tuple(_spec.classnames), template=_spec.template, notes=_NOTES,
       prepare=functools.partial(_generated_data_dir, _task), few_shot_sampler="nested",
       # Flip only: a random-resized crop of a 32-px composition often cuts the object out of view (measured:
-      # CoOp on sandbox_shapes base 52.3% with (1, 1) vs 49.8% with (0.5, 1) and 45.6% with the field's (0.08, 1)).
+      # CoOp on sandbox_shapes base 52.3% with (1, 1) vs 49.8% with (0.5, 1) and 45.6% with the field's
+      # (0.08, 1)).
       train_crop_scale=(1.0, 1.0)))
 for _name, _split in _SHIFTED.items():
   _spec = tasks.TASKS["colour_shape"]
@@ -79,5 +80,5 @@ SHIFT_TARGETS = tuple(_SHIFTED)
 
 model.register()
 
-__all__ = ["CROSS_DATASET_TARGETS", "DATASETS", "SHIFT_TARGETS", "NAME", "SandboxConfig", "SandboxWorld", "data_source", "default_data_dir", "model",
-           "prepare", "tasks", "world"]
+__all__ = ["CROSS_DATASET_TARGETS", "DATASETS", "SHIFT_TARGETS", "NAME", "SandboxConfig", "SandboxWorld",
+           "data_source", "default_data_dir", "model", "prepare", "tasks", "world"]

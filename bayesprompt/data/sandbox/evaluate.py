@@ -97,7 +97,8 @@ def image_embeddings(params, images: np.ndarray, config: CLIPConfig, batch_size:
   return np.concatenate(out) if out else np.zeros((0, config.embed_dim), np.float32)
 
 
-def class_embeddings(params, classnames: Sequence[str], template: str, config: CLIPConfig, tokenizer) -> np.ndarray:
+def class_embeddings(params, classnames: Sequence[str], template: str, config: CLIPConfig,
+                     tokenizer) -> np.ndarray:
   """Normalised text embeddings [C, D] of the prompts `template.format(name)`."""
   ids = tokenizer([template.format(name) for name in classnames], context_length=config.text.context_length)
   return np.asarray(_text_embeddings(params, jnp.asarray(ids), config))
@@ -145,8 +146,9 @@ def zero_shot(params, config: CLIPConfig, tokenizer, *, datasets: Iterable[str] 
     accuracy = base_new_accuracy(image_embeddings(params, data["image"], config), data["label"], text_emb,
                                  spec.num_base)
     num_classes = len(spec.classnames)
-    results[name] = {**accuracy, "chance_base": 1 / spec.num_base, "chance_new": 1 / (num_classes - spec.num_base),
-                     "chance_all": 1 / num_classes, "num_examples": len(data["label"])}
+    results[name] = {**accuracy, "chance_base": 1 / spec.num_base,
+                     "chance_new": 1 / (num_classes - spec.num_base), "chance_all": 1 / num_classes,
+                     "num_examples": len(data["label"])}
   return results
 
 

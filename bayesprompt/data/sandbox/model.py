@@ -20,7 +20,8 @@ from bayesprompt.data.sandbox import world
 
 CHECKPOINT_DIR = pathlib.Path(__file__).resolve().parents[2] / "assets" / "sandbox_clip"
 TOKENIZER_FILE = "tokenizer.json"
-# Captions use <= 23 tokens (20 words, ".", SOT, EOT); the rest is room for learned prompt tokens (CoOp n_ctx=16).
+# Captions use <= 23 tokens (20 words, ".", SOT, EOT); the rest is room for learned prompt tokens
+# (CoOp n_ctx=16).
 CONTEXT_LENGTH = 32
 # CLIP's normalisation: the sandbox model is trained with it so every pipeline can treat it like CLIP.
 MEAN_RGB = (0.48145466, 0.4578275, 0.40821073)
