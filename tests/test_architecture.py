@@ -26,7 +26,7 @@ LAYERS = {"errors": 0, "options": 0, "clip": 0, "bayes": 0, "prompts": 1, "objec
           "eval": 3, "bayesvlm": 4}
 EXPERIMENTS_LAYER = 5
 # Same-layer packages that must stay independent of each other (layer 0 is the floor everybody builds on).
-INDEPENDENT = {frozenset({"clip", "bayes"}), frozenset({"errors", "bayes"})}
+INDEPENDENT = {frozenset({"clip", "bayes"}), frozenset({"errors", "bayes"}), frozenset({"options", "bayes"})}
 # experiments/ modules that are not binaries: shared flag definitions the binaries import.
 SHARED_FLAG_MODULES = {"experiments.common", "experiments.bayesvlm_flags"}
 
