@@ -145,3 +145,93 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="method"):
     posterior, _ = pl.fit(tiny_apply, params, inputs, labels, jax.random.key(0), CONTEXT, prior_precision=1.0)
     pl.glm_predictive(tiny_apply, params, posterior, inputs, jax.random.key(0), CONTEXT, method="laplace")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fast path for image-independent text features (logits = s·f·t(θ)ᵀ + b).
+# ------------------------------------------------------------------------------------------------------------
+
+SCALE, BIAS, EMBED = 4.0, -0.3, 3
+
+
+def tiny_text(params, key, context, class_context):
+  """Class text features [C', D], row c from class c's embedding only; normalised like CLIP's."""
+  del key
+  hidden = jnp.tanh(class_context["emb"] @ params["ctx"] + context["gain"] * params["shift"])  # [C', 3]
+  out = jnp.tanh(hidden @ params["mix"])  # [C', FEATURE_DIM]
+  return out / jnp.linalg.norm(out, axis=-1, keepdims=True)
+
+
+def shared_setup(num=24, num_classes=5, seed=0):
+  rng = np.random.default_rng(seed)
+  params = {"ctx": jnp.asarray(rng.normal(size=(EMBED, 3)), jnp.float32),
+            "shift": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+            "mix": jnp.asarray(rng.normal(size=(3, FEATURE_DIM)), jnp.float32)}
+  classes = {"emb": jnp.asarray(rng.normal(size=(num_classes, EMBED)), jnp.float32)}
+  feats = rng.normal(size=(num, FEATURE_DIM))
+  feats = jnp.asarray(feats / np.linalg.norm(feats, axis=-1, keepdims=True), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, num_classes, num), jnp.int32)
+  return params, classes, feats, labels
+
+
+def shared_apply(params, inputs, key, context):
+  """The same model as a generic `apply_fn` (inputs: image features; the classes travel in the context)."""
+  gain, classes = context
+  return SCALE * inputs @ tiny_text(params, key, {"gain": gain}, classes).T + BIAS
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_shared_text_fast_path_equals_the_generic_path_and_brute_force(mode):
+  params, classes, feats, labels = shared_setup()
+  key, ctx = jax.random.key(0), CONTEXT
+  fast, fast_info = pl.fit_shared_text(tiny_text, params, feats, labels, key, ctx, classes, SCALE, BIAS,
+                                       prior_precision="fit", mode=mode, class_chunk=2, chunk_size=7)
+  slow, slow_info = pl.fit(shared_apply, params, feats, labels, key, (ctx["gain"], classes), kind="full",
+                           prior_precision="fit", chunk_size=7)
+  # Brute force in float64: the explicit Jacobian of the logits and Σ_n J_nᵀ Λ_n J_n.
+  theta, unravel = ravel_pytree(params)
+  fn = lambda t: shared_apply(unravel(t), feats, None, (ctx["gain"], classes))  # noqa: E731
+  jac = np.asarray(jax.jacfwd(fn)(theta), np.float64)
+  probs = np.asarray(jax.nn.softmax(fn(theta)), np.float64)
+  ggn = np.einsum("ncp,ncd,ndq->pq", jac, probs[:, :, None] * np.eye(probs.shape[1]) - probs[:, :, None]
+                  * probs[:, None, :], jac)
+  text, text_jac = pl.shared_text_jacobian(tiny_text, params, key, ctx, classes, mode=mode)
+  np.testing.assert_allclose(np.asarray(text_jac), jax.jacfwd(lambda t: tiny_text(unravel(t), key, ctx, classes))(
+      theta), rtol=1e-5, atol=1e-6)
+  got, logits = pl.ggn_shared_text(text, text_jac, feats, SCALE, BIAS, chunk_size=7)
+  np.testing.assert_allclose(np.asarray(got), ggn, rtol=1e-4, atol=1e-5 * np.max(np.abs(ggn)))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(fn(theta)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(pl.covariance(fast)), np.asarray(pl.covariance(slow)), rtol=1e-3,
+                             atol=1e-5)
+  for name in ("prior_precision", "log_likelihood", "log_marginal_likelihood"):
+    np.testing.assert_allclose(fast_info[name], slow_info[name], rtol=1e-4)
+
+  # Predictive: exact logit variances = diag(J Σ Jᵀ) of the generic path; joint draws = μ + J δ exactly.
+  test_feats = shared_setup(num=6, seed=1)[2]
+  mean, var = pl.shared_text_logit_moments(fast, text, text_jac, test_feats, SCALE, BIAS)
+  ref_mean, ref_cov = pl.glm_logit_moments(shared_apply, params, slow, test_feats, context=(ctx["gain"], classes))
+  np.testing.assert_allclose(np.asarray(mean), np.asarray(ref_mean), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(var), np.diagonal(np.asarray(ref_cov), axis1=1, axis2=2), rtol=1e-3,
+                             atol=1e-6)
+  assert np.all(np.isfinite(np.asarray(var))) and float(jnp.min(var)) > 0
+  samples = pl.shared_text_logit_samples(fast, text, text_jac, test_feats, key, 5, SCALE, BIAS)
+  deltas = np.asarray(pl.sample_perturbations(fast, key, 5), np.float64)
+  test_jac = np.asarray(jax.jacfwd(lambda t: shared_apply(unravel(t), test_feats, None, (ctx["gain"], classes)))(
+      theta), np.float64)
+  np.testing.assert_allclose(np.asarray(samples), np.asarray(mean)[None] + np.einsum("ncp,sp->snc", test_jac,
+                                                                                     deltas), rtol=1e-4, atol=1e-5)
+  probit = pl.shared_text_predictive(fast, text, text_jac, test_feats, key, SCALE, BIAS, method="probit")
+  np.testing.assert_allclose(np.asarray(probit), np.asarray(pl.probit_from_moments(ref_mean, ref_cov)), atol=1e-5)
+
+
+def test_shared_text_bad_inputs_raise():
+  params, classes, feats, labels = shared_setup()
+  with pytest.raises(ValueError, match="mode"):
+    pl.shared_text_jacobian(tiny_text, params, jax.random.key(0), CONTEXT, classes, mode="sideways")
+  with pytest.raises(ValueError, match="class axis"):
+    pl.shared_text_jacobian(tiny_text, params, jax.random.key(0), CONTEXT, {"emb": classes["emb"],
+                                                                            "other": jnp.zeros(3)})
+  with pytest.raises(ValueError, match="labels"):
+    pl.fit_shared_text(tiny_text, params, feats, labels[:3], jax.random.key(0), CONTEXT, classes, SCALE)
+  with pytest.raises(ValueError, match="dimension"):
+    pl.fit_shared_text(tiny_text, params, feats[:, :2], labels, jax.random.key(0), CONTEXT, classes, SCALE)

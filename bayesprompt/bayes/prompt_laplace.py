@@ -316,7 +316,7 @@ def fit(apply_fn: ApplyFn, params: Any, inputs: Any, labels: Array, key: Array, 
   """
   _check_kind(kind)
   labels = _check_labels(labels, inputs)
-  theta, fn = flat_apply(apply_fn, params)
+  _check_prior_precision(prior_precision)
   if kind == "full":
     ggn, logits = ggn_full(apply_fn, params, inputs, key, context, chunk_size=chunk_size,
                            num_model_samples=num_model_samples, tangent_chunk=tangent_chunk)
@@ -326,10 +326,20 @@ def fit(apply_fn: ApplyFn, params: Any, inputs: Any, labels: Array, key: Array, 
     apply = jax.jit(apply_fn)
     logits = jnp.concatenate([apply(params, piece, key, context)
                               for _, piece, _ in _chunks(inputs, None, chunk_size or 64)])
-  flat_prior = None if prior_mean is None else ravel_pytree(prior_mean)[0]
-  lam0 = 1.0 if prior_precision == "fit" else prior_precision
+  return _posterior_and_info(params, ggn, logits, labels, kind, prior_precision, prior_mean)
+
+
+def _check_prior_precision(prior_precision: float | str) -> None:
   if isinstance(prior_precision, str) and prior_precision != "fit":
     raise ValueError(f"prior_precision={prior_precision!r}; expected a positive number or 'fit'")
+
+
+def _posterior_and_info(params: Any, ggn: Array, logits: Array, labels: Array, kind: str,
+                        prior_precision: float | str, prior_mean: Any) -> tuple[PromptLaplace, dict[str, Any]]:
+  """The posterior from G ([P, P] or [P]) and the fitting logits [N, C]: λ fixed or fitted, and its info."""
+  theta = ravel_pytree(params)[0]
+  flat_prior = None if prior_mean is None else ravel_pytree(prior_mean)[0]
+  lam0 = 1.0 if prior_precision == "fit" else prior_precision
   posterior = posterior_from_ggn(theta, ggn, prior_precision=lam0, prior_mean=flat_prior)
   if prior_precision == "fit":
     posterior = fit_prior_precision(posterior)
@@ -420,7 +430,11 @@ def glm_logit_samples(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, 
 
 def probit_from_moments(mean: Array, cov: Array) -> Array:
   """Probit predictive softmax(μ/√(1 + π/8·σ²)) [B, C] from logit mean [B, C] and covariance [B, C, C]."""
-  var = jnp.diagonal(cov, axis1=-2, axis2=-1)
+  return probit_from_variances(mean, jnp.diagonal(cov, axis1=-2, axis2=-1))
+
+
+def probit_from_variances(mean: Array, var: Array) -> Array:
+  """softmax(μ/√(1 + π/8·σ²)) [B, C] from logit means and variances [B, C]."""
   return jax.nn.softmax(mean * jax.lax.rsqrt(1.0 + (math.pi / 8.0) * var), axis=-1)
 
 
@@ -472,5 +486,162 @@ def glm_predictive(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, inp
   samples = glm_logit_samples(apply_fn, params, posterior, inputs, key, num_samples, context)
   if method == "mc":
     return mean_softmax(samples)
-  var = jnp.var(samples, axis=0)
-  return jax.nn.softmax(jnp.mean(samples, axis=0) * jax.lax.rsqrt(1.0 + (math.pi / 8.0) * var), axis=-1)
+  return probit_from_variances(jnp.mean(samples, axis=0), jnp.var(samples, axis=0))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fast path: learners whose class text features do not depend on the image.
+# ------------------------------------------------------------------------------------------------------------
+#
+# CoOp-like models: logits_n = s·f_n·t(θ)ᵀ + b with f_n [D] the (frozen, normalised) image feature and
+# t(θ) [C, D] the class text features, row c a function of class c's prompt only. The Jacobian factors as
+# J_n = s·(f_nᵀ T′_c)_c with T′ = ∂t/∂θ [C, D, P], computed once for all images: per class, D vjps (reverse)
+# or P jvps (forward), whichever is fewer, vmap-ed over the classes. Then, with p_n = softmax(logits_n),
+#   G = s² Σ_c T′_cᵀ F_c T′_c − V ᵀV,   F_c = Σ_n p_nc f_n f_nᵀ [D, D],   V_n = s·Σ_c p_nc T′_cᵀ f_n [P],
+# and the logit covariance of image n is s²·f_nᵀ (T′_c Σ T′_c′ᵀ) f_n: its variances from K_c = T′_c Σ T′_cᵀ
+# [C, D, D], its exact joint draws from text perturbations T′δ_s [S, C, D] shared by all images.
+
+TextFn = Callable[[Any, Array, Any, Any], Array]
+JACOBIAN_MODES = ("auto", "rev", "fwd")
+
+
+def _num_classes(class_context: Any) -> int:
+  leaves = jax.tree.leaves(class_context)
+  if not leaves:
+    raise ValueError("class_context has no arrays: expected a pytree of arrays with a leading class axis")
+  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in leaves}
+  if len(sizes) != 1 or -1 in sizes:
+    raise ValueError(f"class_context's leaves disagree on the leading class axis: sizes {sorted(sizes)}")
+  return sizes.pop()
+
+
+@functools.partial(jax.jit, static_argnames=("text_fn", "mode", "class_chunk"))
+def shared_text_jacobian(text_fn: TextFn, params: Any, key: Array, context: Any, class_context: Any, *,
+                         mode: str = "auto", class_chunk: int | None = None) -> tuple[Array, Array]:
+  """Class text features t [C, D] (float32) and their Jacobian T′ = ∂t/∂θ [C, D, P] w.r.t. the flat params.
+
+  Args:
+    text_fn: (params, key, context, class_context) -> [C', D], row c a function of params and of class c's
+      entries of `class_context` only (it is called once per class, with a class context of one class).
+    class_context: pytree whose leaves all have the leading class axis C (e.g. a class list's token
+      embeddings and EOT positions); constants without it travel in `context`.
+    mode: "rev" (D vjps per class), "fwd" (P jvps per class) or "auto" (the fewer of the two).
+    class_chunk: classes vmap-ed at once under lax.map (None: all).
+  """
+  if mode not in JACOBIAN_MODES:
+    raise ValueError(f"mode={mode!r}; expected one of {JACOBIAN_MODES}")
+  theta, unravel = ravel_pytree(params)
+  num_classes = _num_classes(class_context)
+  one_class = jax.tree.map(lambda x: x[:, None], class_context)  # [C, 1, ...]: each call sees one class
+
+  def row(single):
+    fn = lambda t: text_fn(unravel(t), key, context, single)[0].astype(jnp.float32)  # noqa: E731
+    dim = jax.eval_shape(fn, theta).shape[0]
+    if mode == "rev" or (mode == "auto" and dim <= theta.shape[0]):
+      out, pullback = jax.vjp(fn, theta)
+      return out, jax.vmap(lambda e: pullback(e)[0])(jnp.eye(dim, dtype=jnp.float32))
+    out, push = jax.linearize(fn, theta)
+    return out, jax.vmap(push, out_axes=-1)(jnp.eye(theta.shape[0], dtype=theta.dtype))
+
+  text, jac = jax.lax.map(row, one_class, batch_size=min(class_chunk or num_classes, num_classes))
+  return text, jac
+
+
+def _shared_logits(text: Array, features: Array, scale: Array, bias: Array | float) -> Array:
+  return (scale * features.astype(jnp.float32) @ text.T + bias).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def ggn_shared_text(text: Array, text_jac: Array, features: Array, scale: Array | float,
+                    bias: Array | float = 0.0, *, chunk_size: int = 1024) -> tuple[Array, Array]:
+  """G [P, P] of the summed cross-entropy of logits s·f_n·tᵀ + b, and those logits [N, C].
+
+  Args:
+    text: [C, D], text_jac: [C, D, P] from `shared_text_jacobian`; features: [N, D] image features;
+    scale: s (e.g. exp(logit_scale)); bias: b; chunk_size: images per accumulation step.
+  """
+  num = features.shape[0]
+  pad = (-num) % min(chunk_size, num)
+  step = min(chunk_size, num)
+  feats = jnp.concatenate([features.astype(jnp.float32), jnp.zeros((pad, features.shape[1]), jnp.float32)])
+  valid = (jnp.arange(num + pad) < num).astype(jnp.float32)
+  flat_jac = text_jac.reshape(-1, text_jac.shape[-1])  # [C·D, P]
+
+  def body(carry, xs):
+    weighted_outer, vtv = carry
+    f, mask = xs
+    logits = _shared_logits(text, f, scale, bias)
+    probs = jax.nn.softmax(logits, axis=-1) * mask[:, None]  # padded rows contribute nothing
+    weighted_outer = weighted_outer + jnp.einsum("nc,nd,ne->cde", probs, f, f)
+    v = (probs[:, :, None] * f[:, None, :]).reshape(f.shape[0], -1) @ flat_jac  # [n, P] = Σ_c p_nc T′_cᵀ f_n
+    return (weighted_outer, vtv + v.T @ v), logits
+
+  num_classes, dim, params = text_jac.shape
+  init = (jnp.zeros((num_classes, dim, dim), jnp.float32), jnp.zeros((params, params), jnp.float32))
+  (weighted_outer, vtv), logits = jax.lax.scan(body, init, (feats.reshape(-1, step, feats.shape[1]),
+                                                           valid.reshape(-1, step)))
+  first = jnp.einsum("cdp,cdq->pq", text_jac, jnp.einsum("cde,ceq->cdq", weighted_outer, text_jac))
+  ggn = jnp.square(scale) * (first - vtv)
+  return ggn, logits.reshape(-1, num_classes)[:num]
+
+
+def fit_shared_text(text_fn: TextFn, params: Any, features: Array, labels: Array, key: Array, context: Any,
+                    class_context: Any, scale: Array | float, bias: Array | float = 0.0, *,
+                    prior_precision: float | str = "fit", prior_mean: Any = None, mode: str = "auto",
+                    class_chunk: int | None = None,
+                    chunk_size: int = 1024) -> tuple[PromptLaplace, dict[str, Any]]:
+  """`fit(kind="full")` for logits s·f_n·t(θ)ᵀ + b (image features [N, D], labels [N]): the same posterior,
+  with the text Jacobian computed once for all images (see the section comment). Returns (posterior, info)."""
+  _check_prior_precision(prior_precision)
+  labels = _check_labels(labels, features)
+  if features.ndim != 2:
+    raise ValueError(f"features have shape {features.shape}; expected image features [N, D]")
+  text, text_jac = shared_text_jacobian(text_fn, params, key, context, class_context, mode=mode,
+                                        class_chunk=class_chunk)
+  if text.shape[1] != features.shape[1]:
+    raise ValueError(f"text features have dimension {text.shape[1]} but the image features {features.shape[1]}")
+  ggn, logits = ggn_shared_text(text, text_jac, features, scale, bias, chunk_size=chunk_size)
+  return _posterior_and_info(params, ggn, logits, labels, "full", prior_precision, prior_mean)
+
+
+def _posterior_root(posterior: PromptLaplace) -> Array:
+  """L with Σ = L Lᵀ: V diag(scale) [P, P] (full) or diag(scale) as its [P] diagonal (diag)."""
+  scale = _posterior_scale(posterior)
+  return scale if posterior.ggn_eigvecs is None else posterior.ggn_eigvecs * scale
+
+
+@jax.jit
+def shared_text_logit_moments(posterior: PromptLaplace, text: Array, text_jac: Array, features: Array,
+                              scale: Array | float, bias: Array | float = 0.0) -> tuple[Array, Array]:
+  """Mean [N, C] and variances [N, C] of the linearised logits s·f_n·(t + T′δ)ᵀ + b, δ ~ N(0, Σ)."""
+  root = _posterior_root(posterior)
+  jl = text_jac * root if root.ndim == 1 else text_jac @ root  # T′_c L [C, D, P]
+  kernel = jnp.einsum("cdp,cep->cde", jl, jl)  # T′_c Σ T′_cᵀ
+  feats = features.astype(jnp.float32)
+  var = jnp.square(scale) * jnp.einsum("nd,cde,ne->nc", feats, kernel, feats)
+  return _shared_logits(text, feats, scale, bias), var
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def shared_text_logit_samples(posterior: PromptLaplace, text: Array, text_jac: Array, features: Array,
+                              key: Array, num_samples: int, scale: Array | float,
+                              bias: Array | float = 0.0) -> Array:
+  """Exact joint draws of the linearised logits [S, N, C]: one text perturbation T′δ_s [C, D] per draw,
+  shared by all images."""
+  deltas = sample_perturbations(posterior, key, num_samples)  # [S, P]
+  perturbed = text[None] + jnp.einsum("cdp,sp->scd", text_jac, deltas)
+  return jax.vmap(lambda t: _shared_logits(t, features, scale, bias))(perturbed)
+
+
+def shared_text_predictive(posterior: PromptLaplace, text: Array, text_jac: Array, features: Array, key: Array,
+                           scale: Array | float, bias: Array | float = 0.0, *, method: str = "probit",
+                           num_samples: int = 100) -> Array:
+  """`glm_predictive` with the explicit Jacobian for logits s·f_n·t(θ)ᵀ + b: probabilities [N, C]."""
+  if method not in PREDICTIVES:
+    raise ValueError(f"method={method!r}; expected one of {PREDICTIVES}")
+  if method == "probit":
+    return probit_from_variances(*shared_text_logit_moments(posterior, text, text_jac, features, scale, bias))
+  if num_samples <= 0:
+    raise ValueError(f"num_samples={num_samples}; expected a positive integer")
+  return mean_softmax(shared_text_logit_samples(posterior, text, text_jac, features, key, num_samples, scale,
+                                                bias))
