@@ -5,9 +5,12 @@ r"""Cost of the post-hoc prompt Laplace (issue 18) against the learner's own wor
 
 On the sandbox CLIP and the sandbox base-to-new task (32 base classes x 16 shots = 512 training images):
 * fit: frozen image features of the 512 training images (learners that leave the image tower frozen) + GGN
-  (full for CoOp / VPT, sampled-label diagonal for VaMP) + λ by marginal likelihood, vs one training epoch
+  (full for CoOp / VPT, sampled-label diagonal for VaMP) + λ by marginal likelihood, vs one training epoch;
+  "generic": Jacobians of the logits per batch (`prompt_laplace.fit`); "shared text" (learners with
+  `shares_text_features`, CoOp): the text Jacobian once per class list (`prompt_laplace.fit_shared_text`);
   (512 / batch steps of the jitted train step on preloaded images, the learner's sandbox batch size);
-* predictive: the linearised MC predictive (--samples jvps) over the 1600 base test images, vs the
+* predictive: the linearised predictive over the 1600 base test images (MC with --samples jvps; for
+  shared-text learners also from the text Jacobian: MC with exact joint draws, and probit), vs the
   deterministic evaluation (the jitted predict step over the same images, batches of 256).
 Both sides use preloaded arrays (no input pipeline). Rounds interleave the candidates; the table reports the
 median wall time and process CPU time (all threads) per candidate, their ratios, and the load average.
@@ -81,7 +84,7 @@ def main():
                   jnp.asarray(train_labels[start:start + batch]), teacher)
     return s.params
 
-  def fit():
+  def fit_generic():
     inputs = scorer.inputs(train_images)
     kind = scorer.kind()
     posterior, _ = prompt_laplace.fit(
@@ -91,16 +94,32 @@ def main():
     scorer.laplace = posterior
     return posterior
 
+  def fit_shared():  # the scorer's fast path: the text Jacobian once for the class list
+    posterior, _ = prompt_laplace.fit_shared_text(
+        scorer._text_fn, state.params, scorer.inputs(train_images), jnp.asarray(train_labels), jax.random.key(0),
+        clip_params, posterior_lib._per_class(class_state), *scorer._logit_scale_bias(),
+        class_chunk=scorer.class_chunk)
+    return posterior
+
   def deterministic():
     key = jax.random.key(0)
     return jnp.concatenate([predict(state.params, clip_params, eval_state, jnp.asarray(test_images[s:s + 256]),
                                     jax.random.fold_in(key, s)) for s in range(0, len(test_images), 256)])
 
-  def linearised():
-    return scorer._laplace_probs(eval_state, scorer.inputs(test_images), jax.random.key(0))
+  def linearised(jacobian, method):
+    def run_it():
+      scorer.laplace_jacobian, scorer.laplace_predictive = jacobian, method
+      return scorer._laplace_probs(eval_state, scorer.inputs(test_images), jax.random.key(0))
+    return run_it
 
-  candidates = {"train epoch": epoch, "laplace fit": fit, "deterministic eval": deterministic,
-                "laplace predictive": linearised}
+  candidates = {"train epoch": epoch, "laplace fit (generic)": fit_generic}
+  if scorer.shared_text:
+    candidates["laplace fit (shared text)"] = fit_shared
+  candidates.update({"deterministic eval": deterministic,
+                     f"laplace predictive ({args.samples} jvp samples, mc)": linearised(False, "mc")})
+  if scorer.shared_text:
+    candidates[f"laplace predictive (shared-text Jacobian, {args.samples} exact draws, mc)"] = linearised(True, "mc")
+    candidates["laplace predictive (shared-text Jacobian, probit)"] = linearised(True, "probit")
   for fn in candidates.values():  # compile (not timed)
     jax.block_until_ready(fn())
   times = {name: [] for name in candidates}
@@ -116,10 +135,13 @@ def main():
   print("| candidate | wall median (s) | CPU median (s) |\n|---|---|---|")
   for name, (wall, cpu) in med.items():
     print(f"| {name} | {wall:.3f} | {cpu:.3f} |")
-  print(f"fit / epoch: wall {med['laplace fit'][0] / med['train epoch'][0]:.2f}, "
-        f"CPU {med['laplace fit'][1] / med['train epoch'][1]:.2f}")
-  print(f"predictive / deterministic: wall {med['laplace predictive'][0] / med['deterministic eval'][0]:.2f}, "
-        f"CPU {med['laplace predictive'][1] / med['deterministic eval'][1]:.2f}")
+  for name in candidates:
+    if name.startswith("laplace fit"):
+      print(f"{name} / epoch: wall {med[name][0] / med['train epoch'][0]:.2f}, "
+            f"CPU {med[name][1] / med['train epoch'][1]:.2f}")
+    elif name.startswith("laplace predictive"):
+      print(f"{name} / deterministic: wall {med[name][0] / med['deterministic eval'][0]:.2f}, "
+            f"CPU {med[name][1] / med['deterministic eval'][1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,26 @@ def test_diagonal_laplace_for_a_prompted_image_tower(trained_coop):
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
   # Near-certain projections: BayesVLM on VaMP's own towers and draws gives VaMP's own predictive.
   np.testing.assert_allclose(probs["bayesvlm"], probs["none"], atol=1e-4)
+
+
+def test_shared_text_fast_path_equals_the_generic_path_on_a_trained_coop(trained_coop):
+  """CoOp declares image-independent text features: the scorer's fast path (text Jacobian once per class
+  list) gives the generic path's posterior, evidence and exact-moment predictive; CoCoOp does not declare it."""
+  run = prompt_run.load_trained(trained_coop)
+  data = prompt_run.protocol_data(run.cfg)
+  train = data.train.select(np.arange(24))
+  scorers = {fast: posterior_lib.PosteriorScorer(run, posteriors=("laplace",), laplace_jacobian=True, batch_size=64,
+                                                 shared_text_path=fast, class_chunk=2) for fast in (True, False)}
+  assert scorers[True].shared_text and not scorers[False].shared_text
+  infos = {fast: scorer.fit_laplace(train) for fast, scorer in scorers.items()}
+  for name in ("prior_precision", "log_likelihood", "log_marginal_likelihood"):
+    np.testing.assert_allclose(infos[True][name], infos[False][name], rtol=1e-3)
+  cov = {fast: np.asarray(posterior_lib.prompt_laplace.covariance(s.laplace)) for fast, s in scorers.items()}
+  np.testing.assert_allclose(cov[True], cov[False], rtol=1e-3, atol=1e-4 * np.max(np.abs(cov[False])))
+  split = data.evals["new"]
+  images, _ = posterior_lib.load_split(split, run.clip_config.vision.image_size)
+  probs = {fast: s.probabilities(split, images[:16])["laplace"] for fast, s in scorers.items()}
+  assert np.all(np.isfinite(probs[True]))
+  np.testing.assert_allclose(probs[True], probs[False], atol=1e-4)
+  cocoop = dataclasses.replace(run, learner=make_learner("cocoop", run.clip_config, n_ctx=2))
+  assert not cocoop.learner.shares_text_features

@@ -20,6 +20,10 @@ over the N fitting examples, G = Σ_i J_iᵀ Λ_i J_i, J_i = ∂f(x_i)/∂θ [C,
   estimate of diag(G) whose noise falls like 1/√N (`num_label_samples` draws per example average it further).
   One per-example gradient per example: about one training epoch.
 Stochastic learners: G is averaged over `num_model_samples` draws of the learner's own noise (E_ε[G(ε)]).
+* `fit_shared_text` (fast path, same G as "full"): for logits s·f·t(θ)ᵀ + b whose class text features t [C, D]
+  do not depend on the image (CoOp), the text Jacobian T′ [C, D, P] is computed once per class list, one class
+  at a time (D vjps or P jvps per class, whichever is fewer), and G and the exact predictive moments follow
+  by einsums over the image features (see the last section).
 
 The prior is N(θ₀, λ⁻¹I); λ maximises the Laplace evidence
   log Z(λ) = log p(D | θ*) − ½λ‖θ* − θ₀‖² + ½P·log λ − ½ Σ_k log(g_k + λ)

@@ -89,6 +89,12 @@ def _one_draw(learner):
   raise ValueError(f"{learner.method}: cannot make a one-draw version (no num_test_samples field)")
 
 
+def _per_class(class_state: engine.ClassState) -> engine.ClassState:
+  """The class state's fields with a leading class axis (the Laplace's per-class Jacobian slices them);
+  `train_text_features` (the training classes') does not have it and no shared-text learner reads it."""
+  return class_state.replace(train_text_features=None)
+
+
 def learner_text_features(learner, params, clip_params, class_state: engine.ClassState, key: jax.Array,
                           num_samples: int) -> dict[str, jax.Array]:
   """Pre-projection features and embeddings of the learner's class prompts, per draw of its noise.
@@ -163,6 +169,10 @@ class PosteriorScorer:
   laplace_model_samples: int = 1
   # Examples per vmap-ed batch of per-example gradients ("diag"): VaMP at 64 needed 11.5 GB (OOM-killed).
   diag_chunk: int = 8
+  # Learners with `shares_text_features` (CoOp): the full GGN and the Jacobian predictive from the text
+  # Jacobian, once per class list (`prompt_laplace.fit_shared_text`); False: the generic per-batch path.
+  shared_text_path: bool = True
+  class_chunk: int | None = 64  # classes per vmap-ed batch of the text Jacobian (memory: D cotangents each)
 
   def __post_init__(self):
     self.posteriors = check_posteriors(self.posteriors)
@@ -182,6 +192,10 @@ class PosteriorScorer:
     self.predict = jax.jit(self._predict_none)
     self._image_fn = jax.jit(functools.partial(engine.image_features, config=learner.clip_config))
     self.apply = self._make_apply()
+    self.shared_text = (self.shared_text_path and self.on_features and self.num_draws == 1
+                        and learner.shares_text_features)
+    self._text_fn = lambda params, key, clip_params, class_state: learner.shared_text_features(
+        params, clip_params, class_state)
     self.laplace = None
     self.laplace_info: dict[str, Any] = {}
     self.timings: dict[str, float] = {}
@@ -231,11 +245,16 @@ class PosteriorScorer:
     class_state = self._class_state(train_split.classnames, train_split.template)
     kind = self.kind()
     stochastic = self.num_draws > 1
-    posterior, info = prompt_laplace.fit(
-        self.apply, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
-        (self.run.clip_params, class_state), kind=kind, chunk_size=None if kind == "full" else self.diag_chunk,
-        num_model_samples=self.laplace_model_samples if stochastic else 1,
-        tangent_chunk=128)
+    if kind == "full" and self.shared_text:
+      posterior, info = prompt_laplace.fit_shared_text(
+          self._text_fn, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
+          self.run.clip_params, _per_class(class_state), *self._logit_scale_bias(), class_chunk=self.class_chunk)
+    else:
+      posterior, info = prompt_laplace.fit(
+          self.apply, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
+          (self.run.clip_params, class_state), kind=kind, chunk_size=None if kind == "full" else self.diag_chunk,
+          num_model_samples=self.laplace_model_samples if stochastic else 1,
+          tangent_chunk=128)
     jax.block_until_ready(posterior)
     self.timings["fit_seconds"] = time.perf_counter() - start
     self.laplace = posterior
@@ -271,9 +290,20 @@ class PosteriorScorer:
     # Deterministic learners with a full posterior could use the explicit Jacobian (exact moments), but it
     # costs P forwards of the θ-dependent part; `laplace_samples` jvps are cheaper (see benchmarks/RESULTS.md).
     use_jacobian = self.laplace_jacobian and self.num_draws == 1
+    if use_jacobian and self.shared_text:  # the text Jacobian once for the class list, then einsums
+      text, text_jac = prompt_laplace.shared_text_jacobian(self._text_fn, self.run.params, key, self.run.clip_params,
+                                                           _per_class(class_state), class_chunk=self.class_chunk)
+      return jax.block_until_ready(prompt_laplace.shared_text_predictive(
+          self.laplace, text, text_jac, inputs, key, *self._logit_scale_bias(), method=self.laplace_predictive,
+          num_samples=num))
     return self._batched(lambda x, k: prompt_laplace.glm_predictive(
         self.apply, self.run.params, self.laplace, x, k, context, method=self.laplace_predictive, num_samples=num,
         use_jacobian=use_jacobian, tangent_chunk=128), inputs, key)
+
+  def _logit_scale_bias(self) -> tuple[jax.Array, jax.Array | float]:
+    """(exp(logit_scale), logit_bias or 0) of the frozen CLIP: `engine.logits`' affine map of the cosines."""
+    params = self.run.clip_params
+    return jnp.exp(params["logit_scale"]), params["logit_bias"] if "logit_bias" in params else 0.0
 
   def _batched(self, fn, inputs, key):
     size = inputs.shape[0]

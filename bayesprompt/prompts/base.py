@@ -100,6 +100,19 @@ class PromptLearner:
     """Monte Carlo samples S in `output.logits` (1 for deterministic learners)."""
     return 1
 
+  @property
+  def shares_text_features(self) -> bool:
+    """True when the logits are exp(logit_scale)·f·tᵀ (+ logit_bias) of the frozen image features f and
+    deterministic class text features t = `shared_text_features(...)` that do not depend on the image, row c
+    on class c's entries of the class state only (post-hoc Laplaces then differentiate t once per class list
+    instead of once per image: `bayes.prompt_laplace.fit_shared_text`)."""
+    return False
+
+  def shared_text_features(self, learner_params: Params, clip_params: Params,
+                           class_state: engine.ClassState) -> jax.Array:
+    """Normalised class text features [C, D] float32 of a learner with `shares_text_features`."""
+    raise NotImplementedError(f"{self.method}: its text features depend on the image or on a random draw")
+
   def init(self, rng: jax.Array, clip_params: Params, class_state: engine.ClassState) -> Params:
     """Learner params (a pytree of float32 arrays, trainable only). `clip_params` supplies phrase-initialised
     contexts; `class_state` the class count for class-specific contexts."""

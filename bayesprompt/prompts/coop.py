@@ -91,12 +91,20 @@ class CoOp(ContextLearner):
   def apply(self, learner_params: Params, clip_params: Params, class_state: engine.ClassState,
             images: jax.Array, rng: jax.Array | None = None, train: bool = False,
             labels: jax.Array | None = None) -> LearnerOutput:
-    config = self.clip_config
     image = self._frozen_image_features(clip_params, images)
-    prompts = engine.build_prompts(class_state, learner_params["ctx"], class_specific=self.class_specific)
-    text = engine.text_features(clip_params, config, prompts, class_state.pool_index)  # [C, D]
+    text = self.shared_text_features(learner_params, clip_params, class_state)
     logits = engine.logits(clip_params, image, text, per_image=False)[None]
     return LearnerOutput(logits=logits, kl=self._zero(), image_features=image, frozen_image_features=image)
+
+  @property
+  def shares_text_features(self) -> bool:
+    # A class-specific context ([C, n_ctx, W]) cannot be applied to one class at a time.
+    return not self.class_specific
+
+  def shared_text_features(self, learner_params: Params, clip_params: Params,
+                           class_state: engine.ClassState) -> jax.Array:
+    prompts = engine.build_prompts(class_state, learner_params["ctx"], class_specific=self.class_specific)
+    return engine.text_features(clip_params, self.clip_config, prompts, class_state.pool_index)  # [C, D]
 
 
 def init_meta_net(rng: jax.Array, embed_dim: int, ctx_dim: int) -> Params:
