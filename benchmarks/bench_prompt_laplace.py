@@ -96,7 +96,8 @@ def main():
 
   def fit_shared():  # the scorer's fast path: the text Jacobian once for the class list
     posterior, _ = prompt_laplace.fit_shared_text(
-        scorer._text_fn, state.params, scorer.inputs(train_images), jnp.asarray(train_labels), jax.random.key(0),
+        scorer._text_fn, state.params, scorer.inputs(train_images), jnp.asarray(train_labels),
+        jax.random.key(0),
         clip_params, posterior_lib._per_class(class_state), *scorer._logit_scale_bias(),
         class_chunk=scorer.class_chunk)
     return posterior
@@ -118,7 +119,8 @@ def main():
   candidates.update({"deterministic eval": deterministic,
                      f"laplace predictive ({args.samples} jvp samples, mc)": linearised(False, "mc")})
   if scorer.shared_text:
-    candidates[f"laplace predictive (shared-text Jacobian, {args.samples} exact draws, mc)"] = linearised(True, "mc")
+    name = f"laplace predictive (shared-text Jacobian, {args.samples} exact draws, mc)"
+    candidates[name] = linearised(True, "mc")
     candidates["laplace predictive (shared-text Jacobian, probit)"] = linearised(True, "probit")
   for fn in candidates.values():  # compile (not timed)
     jax.block_until_ready(fn())

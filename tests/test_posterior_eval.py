@@ -140,12 +140,14 @@ def test_diagonal_laplace_for_a_prompted_image_tower(trained_coop):
 
 def test_shared_text_fast_path_equals_the_generic_path_on_a_trained_coop(trained_coop):
   """CoOp declares image-independent text features: the scorer's fast path (text Jacobian once per class
-  list) gives the generic path's posterior, evidence and exact-moment predictive; CoCoOp does not declare it."""
+  list) gives the generic path's posterior, evidence and exact-moment predictive; CoCoOp does not declare
+  it."""
   run = prompt_run.load_trained(trained_coop)
   data = prompt_run.protocol_data(run.cfg)
   train = data.train.select(np.arange(24))
-  scorers = {fast: posterior_lib.PosteriorScorer(run, posteriors=("laplace",), laplace_jacobian=True, batch_size=64,
-                                                 shared_text_path=fast, class_chunk=2) for fast in (True, False)}
+  scorers = {fast: posterior_lib.PosteriorScorer(run, posteriors=("laplace",), laplace_jacobian=True,
+                                                 batch_size=64, shared_text_path=fast, class_chunk=2)
+             for fast in (True, False)}
   assert scorers[True].shared_text and not scorers[False].shared_text
   infos = {fast: scorer.fit_laplace(train) for fast, scorer in scorers.items()}
   for name in ("prior_precision", "log_likelihood", "log_marginal_likelihood"):

@@ -196,8 +196,8 @@ def test_shared_text_fast_path_equals_the_generic_path_and_brute_force(mode):
   ggn = np.einsum("ncp,ncd,ndq->pq", jac, probs[:, :, None] * np.eye(probs.shape[1]) - probs[:, :, None]
                   * probs[:, None, :], jac)
   text, text_jac = pl.shared_text_jacobian(tiny_text, params, key, ctx, classes, mode=mode)
-  np.testing.assert_allclose(np.asarray(text_jac), jax.jacfwd(lambda t: tiny_text(unravel(t), key, ctx, classes))(
-      theta), rtol=1e-5, atol=1e-6)
+  text_truth = jax.jacfwd(lambda t: tiny_text(unravel(t), key, ctx, classes))(theta)
+  np.testing.assert_allclose(np.asarray(text_jac), np.asarray(text_truth), rtol=1e-5, atol=1e-6)
   got, logits = pl.ggn_shared_text(text, text_jac, feats, SCALE, BIAS, chunk_size=7)
   np.testing.assert_allclose(np.asarray(got), ggn, rtol=1e-4, atol=1e-5 * np.max(np.abs(ggn)))
   np.testing.assert_allclose(np.asarray(logits), np.asarray(fn(theta)), rtol=1e-5, atol=1e-5)
@@ -209,19 +209,21 @@ def test_shared_text_fast_path_equals_the_generic_path_and_brute_force(mode):
   # Predictive: exact logit variances = diag(J Σ Jᵀ) of the generic path; joint draws = μ + J δ exactly.
   test_feats = shared_setup(num=6, seed=1)[2]
   mean, var = pl.shared_text_logit_moments(fast, text, text_jac, test_feats, SCALE, BIAS)
-  ref_mean, ref_cov = pl.glm_logit_moments(shared_apply, params, slow, test_feats, context=(ctx["gain"], classes))
+  generic_ctx = (ctx["gain"], classes)
+  ref_mean, ref_cov = pl.glm_logit_moments(shared_apply, params, slow, test_feats, context=generic_ctx)
   np.testing.assert_allclose(np.asarray(mean), np.asarray(ref_mean), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(var), np.diagonal(np.asarray(ref_cov), axis1=1, axis2=2), rtol=1e-3,
                              atol=1e-6)
   assert np.all(np.isfinite(np.asarray(var))) and float(jnp.min(var)) > 0
   samples = pl.shared_text_logit_samples(fast, text, text_jac, test_feats, key, 5, SCALE, BIAS)
   deltas = np.asarray(pl.sample_perturbations(fast, key, 5), np.float64)
-  test_jac = np.asarray(jax.jacfwd(lambda t: shared_apply(unravel(t), test_feats, None, (ctx["gain"], classes)))(
-      theta), np.float64)
-  np.testing.assert_allclose(np.asarray(samples), np.asarray(mean)[None] + np.einsum("ncp,sp->snc", test_jac,
-                                                                                     deltas), rtol=1e-4, atol=1e-5)
+  test_jac = np.asarray(jax.jacfwd(lambda t: shared_apply(unravel(t), test_feats, None, generic_ctx))(theta),
+                        np.float64)
+  linearised = np.asarray(mean)[None] + np.einsum("ncp,sp->snc", test_jac, deltas)
+  np.testing.assert_allclose(np.asarray(samples), linearised, rtol=1e-4, atol=1e-5)
   probit = pl.shared_text_predictive(fast, text, text_jac, test_feats, key, SCALE, BIAS, method="probit")
-  np.testing.assert_allclose(np.asarray(probit), np.asarray(pl.probit_from_moments(ref_mean, ref_cov)), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(probit), np.asarray(pl.probit_from_moments(ref_mean, ref_cov)),
+                             atol=1e-5)
 
 
 def test_shared_text_bad_inputs_raise():

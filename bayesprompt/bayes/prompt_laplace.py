@@ -339,7 +339,8 @@ def _check_prior_precision(prior_precision: float | str) -> None:
 
 
 def _posterior_and_info(params: Any, ggn: Array, logits: Array, labels: Array, kind: str,
-                        prior_precision: float | str, prior_mean: Any) -> tuple[PromptLaplace, dict[str, Any]]:
+                        prior_precision: float | str,
+                        prior_mean: Any) -> tuple[PromptLaplace, dict[str, Any]]:
   """The posterior from G ([P, P] or [P]) and the fitting logits [N, C]: λ fixed or fitted, and its info."""
   theta = ravel_pytree(params)[0]
   flat_prior = None if prior_mean is None else ravel_pytree(prior_mean)[0]
@@ -603,7 +604,8 @@ def fit_shared_text(text_fn: TextFn, params: Any, features: Array, labels: Array
   text, text_jac = shared_text_jacobian(text_fn, params, key, context, class_context, mode=mode,
                                         class_chunk=class_chunk)
   if text.shape[1] != features.shape[1]:
-    raise ValueError(f"text features have dimension {text.shape[1]} but the image features {features.shape[1]}")
+    raise ValueError(f"text features have dimension {text.shape[1]} but the image features "
+                     f"{features.shape[1]}")
   ggn, logits = ggn_shared_text(text, text_jac, features, scale, bias, chunk_size=chunk_size)
   return _posterior_and_info(params, ggn, logits, labels, "full", prior_precision, prior_mean)
 
@@ -637,7 +639,8 @@ def shared_text_logit_samples(posterior: PromptLaplace, text: Array, text_jac: A
   return jax.vmap(lambda t: _shared_logits(t, features, scale, bias))(perturbed)
 
 
-def shared_text_predictive(posterior: PromptLaplace, text: Array, text_jac: Array, features: Array, key: Array,
+def shared_text_predictive(posterior: PromptLaplace, text: Array, text_jac: Array, features: Array,
+                           key: Array,
                            scale: Array | float, bias: Array | float = 0.0, *, method: str = "probit",
                            num_samples: int = 100) -> Array:
   """`glm_predictive` with the explicit Jacobian for logits s·f_n·t(θ)ᵀ + b: probabilities [N, C]."""

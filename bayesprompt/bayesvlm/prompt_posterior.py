@@ -8,8 +8,9 @@ prompt (`bayes.prompt_laplace`), or BayesVLM's projection Laplace with the learn
 Which Laplace each learner gets (`laplace_kind="auto"`): "full" (dense GGN) when the learner has at most
 `max_full_params` trainable parameters (CoOp n_ctx·W_t, VPT n_ctx·W_t + 2·W_t), else "diag" (sampled-label
 diagonal GGN: VaMP, MaPLe, ...). A learner declaring `shares_text_features` (CoOp) gets the full GGN from its
-text Jacobian, taken once per class list instead of once per batch of images. Learners that leave the image tower frozen (CoOp, CoCoOp, VPT) are evaluated
-on cached frozen image features, so the Laplace's Jacobians and jvps only re-run the text side.
+text Jacobian, taken once per class list instead of once per batch of images. Learners that leave the image
+tower frozen (CoOp, CoCoOp, VPT) are evaluated on cached frozen image features, so the Laplace's Jacobians and
+jvps only re-run the text side.
 Stochastic learners (VPT, VaMP) are linearised per draw of their own noise: the Laplace predictive's sample s
 uses the learner's draw ε_s and a parameter perturbation δ_s (`prompt_laplace.glm_logit_samples`).
 
@@ -252,13 +253,14 @@ class PosteriorScorer:
     if kind == "full" and self.shared_text:
       posterior, info = prompt_laplace.fit_shared_text(
           self._text_fn, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
-          self.run.clip_params, _per_class(class_state), *self._logit_scale_bias(), class_chunk=self.class_chunk)
+          self.run.clip_params, _per_class(class_state), *self._logit_scale_bias(),
+          class_chunk=self.class_chunk)
     else:
       posterior, info = prompt_laplace.fit(
           self.apply, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
-          (self.run.clip_params, class_state), kind=kind, chunk_size=None if kind == "full" else self.diag_chunk,
-          num_model_samples=self.laplace_model_samples if stochastic else 1,
-          tangent_chunk=128)
+          (self.run.clip_params, class_state), kind=kind,
+          chunk_size=None if kind == "full" else self.diag_chunk,
+          num_model_samples=self.laplace_model_samples if stochastic else 1, tangent_chunk=128)
     jax.block_until_ready(posterior)
     self.timings["fit_seconds"] = time.perf_counter() - start
     self.laplace = posterior
@@ -296,11 +298,12 @@ class PosteriorScorer:
     # are cheaper (sandbox CoOp: 1.32x a deterministic evaluation against 2.4-2.6x; benchmarks/RESULTS.md).
     use_jacobian = self.laplace_jacobian and self.num_draws == 1
     if use_jacobian and self.shared_text:  # the text Jacobian once for the class list, then einsums
-      text, text_jac = prompt_laplace.shared_text_jacobian(self._text_fn, self.run.params, key, self.run.clip_params,
-                                                           _per_class(class_state), class_chunk=self.class_chunk)
+      text, text_jac = prompt_laplace.shared_text_jacobian(
+          self._text_fn, self.run.params, key, self.run.clip_params, _per_class(class_state),
+          class_chunk=self.class_chunk)
       return jax.block_until_ready(prompt_laplace.shared_text_predictive(
-          self.laplace, text, text_jac, inputs, key, *self._logit_scale_bias(), method=self.laplace_predictive,
-          num_samples=num))
+          self.laplace, text, text_jac, inputs, key, *self._logit_scale_bias(),
+          method=self.laplace_predictive, num_samples=num))
     return self._batched(lambda x, k: prompt_laplace.glm_predictive(
         self.apply, self.run.params, self.laplace, x, k, context, method=self.laplace_predictive, num_samples=num,
         use_jacobian=use_jacobian, tangent_chunk=128), inputs, key)
