@@ -92,9 +92,10 @@ def _one_draw(learner):
 
 
 def _per_class(class_state: engine.ClassState) -> engine.ClassState:
-  """The class state's fields with a leading class axis (the Laplace's per-class Jacobian slices them);
-  `train_text_features` (the training classes') does not have it and no shared-text learner reads it."""
-  return class_state.replace(train_text_features=None)
+  """The class state's fields with a leading class axis (the Laplace's per-class Jacobian slices them):
+  `learner_state` is dropped (its entries need not have that axis; `shares_text_features` learners do not
+  read it)."""
+  return class_state.replace(learner_state={})
 
 
 def learner_text_features(learner, params, clip_params, class_state: engine.ClassState, key: jax.Array,

@@ -104,8 +104,8 @@ class PromptLearner:
   def shares_text_features(self) -> bool:
     """True when the logits are exp(logit_scale)·f·tᵀ (+ logit_bias) of the frozen image features f and
     deterministic class text features t = `shared_text_features(...)` that do not depend on the image, row c
-    on class c's entries of the class state only (post-hoc Laplaces then differentiate t once per class list
-    instead of once per image: `bayes.prompt_laplace.fit_shared_text`)."""
+    on class c's entries of the class state only, not on its `learner_state` (post-hoc Laplaces then
+    differentiate t once per class list instead of once per image: `bayes.prompt_laplace.fit_shared_text`)."""
     return False
 
   def shared_text_features(self, learner_params: Params, clip_params: Params,
