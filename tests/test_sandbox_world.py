@@ -24,7 +24,8 @@ def _generate(task, split, seed=0, count=2):
 # ------------------------------------------------------------------------------------------ determinism
 
 
-@pytest.mark.parametrize("task,split", [("colour_shape", "test_a"), ("captions", "train"), ("size_shape", "train")])
+@pytest.mark.parametrize("task,split", [("colour_shape", "test_a"), ("captions", "train"), ("size_shape", "train"),
+                                        ("catalogue", "test")])
 def test_generation_is_deterministic_in_the_seed(task, split):
   a, b = _generate(task, split, seed=3), _generate(task, split, seed=3)
   assert a["image"].tobytes() == b["image"].tobytes()
@@ -33,6 +34,28 @@ def test_generation_is_deterministic_in_the_seed(task, split):
     np.testing.assert_array_equal(a[key], b[key])
   c = _generate(task, split, seed=4)
   assert a["image"].tobytes() != c["image"].tobytes()
+
+
+# sha256 of (images, labels, captions) of small generated splits, recorded with world 1.2.0 (commit 174fb1f,
+# numpy 2.4.6) before the catalogue task and the "mixed" domain were added: a new task must not move a byte of
+# the existing ones (their shipped results and the pretrained CLIP's corpus depend on them).
+_WORLD_1_2_DIGESTS = {
+    ("colour_shape", "test"): "37b9f7aaf7fdcd26e4f1dd89aed0330e3d296cd1e8d109fa632bc737b092f8c6",
+    ("colour_shape", "test_sketch"): "dfda919fdf71f87c1d205e1303955d134c0f769b24e32828bbce3159e8c48c37",
+    ("texture_shape", "train"): "e6e508fe80fde80f2d050814a51587acb21821527fd51fa09ec8a9002db899dc",
+    ("size_shape", "validation"): "d2dea8f6b652690b1928342eb8472c424501f705f9474e33b62d05559a9106a3",
+    ("captions", "train"): "3bd4d514e9829d7052f54b1e9e4226e97aa378e5b0b5473a552dcd86ce1dbb8b",
+}
+
+
+@pytest.mark.parametrize("task,split", sorted(_WORLD_1_2_DIGESTS))
+def test_existing_tasks_bytes_are_unchanged(task, split):
+  digest = hashlib.sha256()
+  for chunk in tasks.generate(task, split, seed=0, count=64 if task == "captions" else 2, chunk=64):
+    digest.update(chunk["image"].tobytes())
+    digest.update(chunk["label"].tobytes())
+    digest.update("\n".join(chunk["caption"]).encode())
+  assert digest.hexdigest() == _WORLD_1_2_DIGESTS[(task, split)]
 
 
 def test_splits_do_not_share_streams():
@@ -95,7 +118,7 @@ def test_tfds_data_source_by_name(tiny_dirs):
 # ------------------------------------------------------------------------------------------ base / new
 
 
-@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+@pytest.mark.parametrize("task", sorted(name for name, spec in tasks.TASKS.items() if spec.is_class is None))
 def test_base_new_split_shares_attributes_not_compositions(task):
   spec = tasks.TASKS[task]
   pairs = spec.compositions
@@ -116,11 +139,55 @@ def test_base_new_split_shares_attributes_not_compositions(task):
   assert names[0] == f"{world.ATTRIBUTES[spec.first][pairs[0][0]]} {world.ATTRIBUTES[spec.second][pairs[0][1]]}"
 
 
+def test_catalogue_halves_differ_along_different_attributes():
+  """The catalogue's mechanism is in its class list: base classes differ mainly by colour (every colour, three
+  shapes), new ones by shape (five shapes, only the colours the lamp keeps); the one shape on both sides (the
+  square) comes in lamp-shifted colours in base and lamp-stable ones in new."""
+  spec = tasks.TASKS["catalogue"]
+  pairs = spec.compositions
+  assert len(pairs) == 40 and spec.num_base == math.ceil(len(pairs) / 2) == 20  # chance 5% per half
+  assert len(set(pairs)) == len(pairs) and len(set(spec.classnames)) == len(pairs)
+  base, new = pairs[:20], pairs[20:]
+  assert all(spec.is_base(*p) for p in base) and not any(spec.is_base(*p) for p in new)
+  base_colours, base_shapes = {c for c, _ in base}, {s for _, s in base}
+  new_colours, new_shapes = {c for c, _ in new}, {s for _, s in new}
+  assert base_colours == set(range(len(world.COLOURS))) and len(base_shapes) == 3
+  assert len(new_colours) == 4 and len(new_shapes) == 5 and base_shapes & new_shapes == {world.SHAPES.index("square")}
+  # New colours: exactly those the lamp leaves with their name (test_apparent_colours_are_the_nearest_hues_...
+  # checks APPARENT_UNDER_LAMP against the rendered hues), i.e. nothing for a light correction to fix there.
+  stable = {c for c, name in enumerate(world.COLOURS) if world.APPARENT_UNDER_LAMP[c] == name}
+  assert new_colours == stable == {world.COLOURS.index(n) for n in ("red", "orange", "green", "blue")}
+  # Every lamp-shifted colour is a base colour of every base shape, and none is a new colour.
+  for shape in base_shapes:
+    colours = {c for c, s in base if s == shape}
+    assert colours >= set(range(len(world.COLOURS))) - stable
+  assert {c for c, s in base if s == world.SHAPES.index("square")}.isdisjoint(new_colours)
+  # Inside each half, lexicographic (colour, shape) order, as the grid tasks.
+  assert base == sorted(base) and new == sorted(new)
+
+
+def test_catalogue_splits_sizes_and_mixed_light():
+  spec = tasks.TASKS["catalogue"]
+  assert {k: (v.domain, v.count) for k, v in spec.splits.items()} == {
+      "train": ("mixed", 40), "validation": ("mixed", 10), "test": ("mixed", 50)}
+  data = _generate("catalogue", "validation", count=None)
+  assert len(data["label"]) == 40 * 10
+  np.testing.assert_array_equal(np.bincount(data["label"], minlength=40), np.full(40, 10))
+  pairs = np.asarray(spec.compositions)
+  np.testing.assert_array_equal(data["colour"], pairs[data["label"], 0])
+  np.testing.assert_array_equal(data["shape"], pairs[data["label"], 1])
+  assert (data["style"] == world.STYLES.index("photo")).all()
+  # Half the photos lamplit (binomial, 4 sigma), in both halves.
+  lamplit = data["light"] == world.LIGHTS.index("lamplight")
+  for half in (data["label"] < 20, data["label"] >= 20):
+    assert lamplit[half].mean() == pytest.approx(0.5, abs=4 * math.sqrt(0.25 / half.sum()))
+
+
 def test_registered_datasets_match_the_builder():
   import bayesprompt.data.sandbox  # noqa: F401  (registers)
 
   for name, (task, split) in {"sandbox_shapes": ("colour_shape", "test"), "sandbox_textures": ("texture_shape", "test"),
-                              "sandbox_sizes": ("size_shape", "test"),
+                              "sandbox_sizes": ("size_shape", "test"), "sandbox_catalogue": ("catalogue", "test"),
                               "sandbox_shapes_a": ("colour_shape", "test_a")}.items():
     spec = registry.get_dataset(name)
     assert spec.tfds_name == f"sandbox_world/{task}"

@@ -92,9 +92,15 @@ class CoOp(ContextLearner):
             images: jax.Array, rng: jax.Array | None = None, train: bool = False,
             labels: jax.Array | None = None) -> LearnerOutput:
     image = self._frozen_image_features(clip_params, images)
-    text = self.shared_text_features(learner_params, clip_params, class_state)
-    logits = engine.logits(clip_params, image, text, per_image=False)[None]
+    logits = self.logits_from_features(learner_params, clip_params, class_state, image)[None]
     return LearnerOutput(logits=logits, kl=self._zero(), image_features=image, frozen_image_features=image)
+
+  def logits_from_features(self, learner_params: Params, clip_params: Params, class_state: engine.ClassState,
+                           image_features: jax.Array) -> jax.Array:
+    """Logits [B, C] float32 of normalised frozen image features [B, D] (CoOp never changes them, so a
+    caller may compute them once: `bayesprompt.train.feature_coop`)."""
+    text = self.shared_text_features(learner_params, clip_params, class_state)
+    return engine.logits(clip_params, image_features, text, per_image=False)
 
   @property
   def shares_text_features(self) -> bool:

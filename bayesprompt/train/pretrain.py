@@ -36,7 +36,7 @@ from bayesprompt.train import run_dir as run_dir_lib
 # Flags that may differ between a run and its resumption.
 RESUME_NEUTRAL = ("resume", "stop_after", "export_dir", "data_dir", "workdir", "log_every", "eval_every",
                   "overwrite")
-SMOKE_COUNTS = {"captions": 192, "colour_shape": 2, "texture_shape": 2, "size_shape": 2}
+SMOKE_COUNTS = {"captions": 192, "colour_shape": 2, "texture_shape": 2, "size_shape": 2, "catalogue": 2}
 
 
 def resolve_config(values: dict) -> dict:

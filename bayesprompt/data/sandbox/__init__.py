@@ -2,7 +2,7 @@
 
 Importing this package (which does not import TFDS: the builder module is loaded on first use)
   * makes the TFDS builder `sandbox_world` available (configs captions / colour_shape / texture_shape /
-    size_shape; registered with TFDS when `builder` is imported, which reading a sandbox dataset does);
+    size_shape / catalogue; registered with TFDS when `builder` is imported, which reading a sandbox dataset does);
   * registers the classification datasets in the data registry:
       sandbox_shapes          colour x shape, 64 classes (labels 0-31 base, 32-63 new), train/val/test
       sandbox_shapes_v2       its test set with re-sampled, shifted nuisances     (plays ImageNet-V2)
@@ -11,6 +11,8 @@ Importing this package (which does not import TFDS: the builder module is loaded
       sandbox_shapes_r        cartoons on unusual saturated backgrounds            (plays ImageNet-R)
       sandbox_textures        texture x shape, 32 classes (cross-dataset target)
       sandbox_sizes           size x shape, 24 classes (cross-dataset target)
+      sandbox_catalogue       colour x shape catalogue, 20 base (told apart by colour) + 20 new (by shape),
+                              mixed light: the field's regime (strong zero-shot, CoOp up on base, down on new)
   * registers the CLIP config "sandbox" and the shipped checkpoint "sandbox"
     (`clip.load_checkpoint("sandbox")`, bayesprompt/assets/sandbox_clip/).
 
@@ -47,10 +49,15 @@ def _generated_data_dir(task: str, data_dir: str | None) -> str:
 _NOTES = ("Generated sandbox world (DESIGN §7): classes are attribute compositions; labels are ordered so "
           "that base = the first half and new = the second half share every attribute but no composition.")
 
+_NOTES_BY_TASK = {"catalogue": (
+    "Generated sandbox world (DESIGN §7), catalogue task: base classes differ mainly by colour, new ones by "
+    "shape; photos half lamplit (see bayesprompt/data/sandbox/tasks.py).")}
+
 _CLASSIFICATION = {
     "sandbox_shapes": "colour_shape",
     "sandbox_textures": "texture_shape",
     "sandbox_sizes": "size_shape",
+    "sandbox_catalogue": "catalogue",
 }
 _SHIFTED = {"sandbox_shapes_v2": "test_v2", "sandbox_shapes_sketch": "test_sketch",
             "sandbox_shapes_a": "test_a", "sandbox_shapes_r": "test_r"}
@@ -60,7 +67,7 @@ for _name, _task in _CLASSIFICATION.items():
   _spec = tasks.TASKS[_task]
   DATASETS[_name] = register_dataset(DatasetSpec(
       name=_name, tfds_name=f"{NAME}/{_task}", splits={"train": "train", "val": "validation", "test": "test"},
-      classnames=tuple(_spec.classnames), template=_spec.template, notes=_NOTES,
+      classnames=tuple(_spec.classnames), template=_spec.template, notes=_NOTES_BY_TASK.get(_task, _NOTES),
       prepare=functools.partial(_generated_data_dir, _task), few_shot_sampler="nested",
       # Flip only: a random-resized crop of a 32-px composition often cuts the object out of view (measured:
       # CoOp on sandbox_shapes base 52.3% with (1, 1) vs 49.8% with (0.5, 1) and 45.6% with the field's

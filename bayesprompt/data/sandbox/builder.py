@@ -8,7 +8,7 @@ download=False, so nothing else would).
 
 Configs: "captions" (the pretraining corpus: train 60k / validation 2k image-caption pairs over all
 compositions) and one per classification task in `tasks.TASKS` ("colour_shape" with the shifted test
-splits test_v2 / test_sketch / test_a / test_r, "texture_shape", "size_shape").
+splits test_v2 / test_sketch / test_a / test_r, "texture_shape", "size_shape", "catalogue").
 
 Data directory: `data_dir` if given, else $BAYESPROMPT_DATA_DIR, else ~/.cache/bayesprompt/tensorflow_datasets
 (not TFDS's ~/tensorflow_datasets: this data is a cache that can be regenerated at any time).
@@ -56,12 +56,15 @@ def _configs() -> list[SandboxConfig]:
 class SandboxWorld(tfds.core.GeneratorBasedBuilder):
   """The sandbox world (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.",
                    "1.1.0": "Captions name the colour less often (0.45, was 0.75): fewer colour-shape compositions.",
                    "1.2.0": "Lamplight: the benchmark's photos are lamplit (a warm cast), 30% of the corpus's photos "
                             "are; their captions name the light half of the time (and then the true colour), "
-                            "otherwise the apparent colour; new `light` field."}
+                            "otherwise the apparent colour; new `light` field.",
+                   "1.3.0": "New config `catalogue` (the field's base-to-new regime: base classes told apart by colour, "
+                            "new ones by shape, photos in mixed light, domain `mixed`); the other configs' bytes "
+                            "are unchanged."}
   BUILDER_CONFIGS = _configs()
   DEFAULT_CONFIG_NAME = "colour_shape"
 

@@ -29,6 +29,7 @@ EVAL_SETS = {
     "sandbox_shapes_r": ("colour_shape", "test_r"),
     "sandbox_textures": ("texture_shape", "test"),
     "sandbox_sizes": ("size_shape", "test"),
+    "sandbox_catalogue": ("catalogue", "test"),
 }
 
 
@@ -152,6 +153,14 @@ def zero_shot(params, config: CLIPConfig, tokenizer, *, datasets: Iterable[str] 
   return results
 
 
+def generate_in_memory(task: str, split: str, *, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A task split generated in memory (no TFDS), `count` images per class of world seed `seed`: images uint8
+  [C * count, 32, 32, 3] and labels int32 [C * count] (the split's distribution; not the prepared files' images
+  unless `count` is the split's size)."""
+  chunks = list(tasks.generate(task, split, seed=seed, count=count))
+  return np.concatenate([c["image"] for c in chunks]), np.concatenate([c["label"] for c in chunks])
+
+
 REGRESSION_COUNT = 10  # images per class of the regression slice (640 colour_shape test images)
 
 
@@ -161,9 +170,7 @@ def regression_slice(params, config: CLIPConfig, tokenizer, *, seed: int = 0,
   "test" distribution with `count` images per class, world seed `seed`. The pretraining run stores it with
   the exported model, and the regression test recomputes it from the shipped checkpoint. `template`
   replaces the dataset's hand-crafted prompt (default) with another, e.g. one that names the light."""
-  chunks = list(tasks.generate("colour_shape", "test", seed=seed, count=count))
-  images = np.concatenate([c["image"] for c in chunks])
-  labels = np.concatenate([c["label"] for c in chunks])
+  images, labels = generate_in_memory("colour_shape", "test", count=count, seed=seed)
   spec = tasks.TASKS["colour_shape"]
   text_emb = class_embeddings(params, spec.classnames, template or spec.template, config, tokenizer)
   result = base_new_accuracy(image_embeddings(params, images, config), labels, text_emb, spec.num_base)

@@ -27,6 +27,8 @@ Domains (the distribution an image is drawn from):
   "pretrain": photos (90%; 30% of them lamplit), sketches (5%) and cartoons (5%) on ordinary
               backgrounds; the caption corpus.
   "photo":    the downstream classification images (train / validation / test), all lamplit.
+  "mixed":    photos like "photo", but half of them lamplit and half daylight (a second benchmark, shot in
+              rooms with and without the lamp: the `catalogue` task of tasks.py).
   "v2":       re-sampled nuisances, slightly shifted: more noise, stronger lighting, wider rotations
               (plays ImageNet-V2); lamplit like the benchmark.
   "sketch":   outline only, in the object's colour, on paper (plays ImageNet-Sketch).
@@ -52,7 +54,7 @@ SIZES = ("small", "medium", "large")
 BACKGROUNDS = ("dark", "light", "gradient", "noisy", "paper", "colourful")
 STYLES = ("photo", "sketch", "cartoon", "cluttered")
 LIGHTS = ("daylight", "lamplight")
-DOMAINS = ("pretrain", "photo", "v2", "sketch", "hard", "rendition")
+DOMAINS = ("pretrain", "photo", "mixed", "v2", "sketch", "hard", "rendition")
 
 ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "texture": TEXTURES, "size": SIZES,
               "background": BACKGROUNDS, "style": STYLES, "light": LIGHTS}
@@ -117,6 +119,7 @@ DOMAIN_SPECS = {
     "pretrain": DomainSpec(style_probs=(0.9, 0.05, 0.05, 0.0), background_probs=_ORDINARY_BG,
                            lamplight_prob=0.3),
     "photo": DomainSpec(style_probs=(1.0, 0.0, 0.0, 0.0), background_probs=_ORDINARY_BG, lamplight_prob=1.0),
+    "mixed": DomainSpec(style_probs=(1.0, 0.0, 0.0, 0.0), background_probs=_ORDINARY_BG, lamplight_prob=0.5),
     "v2": DomainSpec(style_probs=(1.0, 0.0, 0.0, 0.0), background_probs=(0.2, 0.2, 0.3, 0.3, 0.0, 0.0),
                      max_rotation_deg=40.0, noise_std=(0.04, 0.09), lighting=0.35, contrast=(0.75, 1.0),
                      lamplight_prob=1.0),
