@@ -213,10 +213,13 @@ def objective_kwargs_from_flags() -> dict:
   return parse_key_values(FLAGS.objective_hparams, "objective_hparams")
 
 
-def base_config(method: str, objective: str, objective_kwargs: dict, seed: int) -> prompt_run.PromptRunConfig:
+def base_config(method: str, objective: str, objective_kwargs: dict, seed: int,
+                dataset: str | None = None) -> prompt_run.PromptRunConfig:
+  """The run config of the flags; `dataset` (another regime's) replaces --dataset, without its extra sets."""
+  extra = FLAGS.extra_eval_datasets if dataset in (None, FLAGS.dataset) else []
   cfg = prompt_run.PromptRunConfig(
-      method=method, objective=objective, protocol=FLAGS.protocol, dataset=FLAGS.dataset,
-      targets=tuple(FLAGS.targets), extra_eval_datasets=tuple(FLAGS.extra_eval_datasets), checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir,
+      method=method, objective=objective, protocol=FLAGS.protocol, dataset=dataset or FLAGS.dataset,
+      targets=tuple(FLAGS.targets), extra_eval_datasets=tuple(extra), checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir,
       source=FLAGS.source,
       few_shot_sampler=FLAGS.few_shot_sampler, on_short=FLAGS.on_short, num_shots=FLAGS.num_shots,
       seed=seed, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, lr=FLAGS.lr,
@@ -262,17 +265,37 @@ def run_variants(variants: list[tuple[str, str, dict]], *, title: str) -> dict:
   uninterrupted run's."""
   mesh = mesh_from_flags()  # first: jax.distributed must start before anything touches a device
   seeds = seeds_from_flags()
-  plan = [(variant_name(method, objective, kwargs), seed, base_config(method, objective, kwargs, seed))
-          for method, objective, kwargs in variants for seed in seeds]
-  default = run_dir_lib.default_run_dir(f"{FLAGS.protocol}_{FLAGS.dataset}",
-                                        [cfg.to_json() for _, _, cfg in plan])
-  root = run_dir_lib.resolve_run_dir(FLAGS.run_dir, runlocal=FLAGS.runlocal, default=default,
-                                     name=f"{FLAGS.protocol}_{FLAGS.dataset}")
+  plan = _plan(variants, seeds)
+  root = _root(plan, f"{FLAGS.protocol}_{FLAGS.dataset}")
   run_dir_lib.check_fresh([root] + [variant_dir(root, name, seed) for name, seed, _ in plan],
                           resume=FLAGS.resume, overwrite=FLAGS.overwrite)
   print(f"{len(plan)} runs ({len(variants)} variant(s) x {len(seeds)} seed(s)) -> {root}", flush=True)
-  progress = show_progress(FLAGS.progress)
   writer = ResultsWriter(root, title=title, row_label="variant", average=False)
+  all_results = _train_plan(plan, root, writer, mesh)
+  paths = writer.write()
+  print(accuracy_table(writer.summary(), title, seeds))
+  print(f"results: {json.dumps(paths)}")
+  return all_results
+
+
+def _plan(variants: list[tuple[str, str, dict]], seeds: list[int],
+          dataset: str | None = None) -> list[tuple[str, int, prompt_run.PromptRunConfig]]:
+  """(variant name, seed, run config) of every run, variant-major."""
+  return [(variant_name(method, objective, kwargs), seed, base_config(method, objective, kwargs, seed, dataset))
+          for method, objective, kwargs in variants for seed in seeds]
+
+
+def _root(plan: list, name: str) -> pathlib.Path:
+  """The run directory: a fresh smoke directory for --runlocal, else --run_dir, else one named by the digest
+  of the runs' configurations."""
+  default = run_dir_lib.default_run_dir(name, [cfg.to_json() for _, _, cfg in plan])
+  return run_dir_lib.resolve_run_dir(FLAGS.run_dir, runlocal=FLAGS.runlocal, default=default, name=name)
+
+
+def _train_plan(plan: list, root: pathlib.Path, writer: ResultsWriter, mesh) -> dict:
+  """Trains (or, with --resume, reads back) every run of `plan` into <root>/<variant>/seed<k>; adds the
+  results to `writer`."""
+  progress = show_progress(FLAGS.progress)
   all_results = {}
   for index, (name, seed, cfg) in enumerate(plan, start=1):
     run_dir = variant_dir(root, name, seed)
@@ -285,10 +308,67 @@ def run_variants(variants: list[tuple[str, str, dict]], *, title: str) -> dict:
     all_results[(name, seed)] = results
     for split, metrics in results.items():
       writer.add(name, seed, {k: v for k, v in metrics.items() if k != "num_examples"}, split=split)
-  paths = writer.write()
-  print(accuracy_table(writer.summary(), title, seeds))
-  print(f"results: {json.dumps(paths)}")
   return all_results
+
+
+ZERO_SHOT_ROW = "zero-shot"
+
+
+def run_regimes(variants: list[tuple[str, str, dict]], datasets: list[str], *, title: str,
+                descriptions: dict[str, str]) -> dict:
+  """`run_variants` on several base-to-new datasets (regimes), each with a zero-shot row (the frozen CLIP's
+  hand-crafted prompt on the same test subsets) and one sentence read off its table. Prints first what will
+  run; writes each regime's results.{md,csv,json} into <run_dir>/<dataset>/ and every regime into
+  <run_dir>/results.json. Run directory, refusal and --resume as `run_variants`."""
+  import jax
+
+  mesh = mesh_from_flags()  # first: jax.distributed must start before anything touches a device
+  seeds = seeds_from_flags()
+  names = [variant_name(*v) for v in variants]
+  plans = {dataset: _plan(variants, seeds, dataset) for dataset in datasets}
+  root = _root([run for plan in plans.values() for run in plan], f"{FLAGS.protocol}_regimes")
+  run_dir_lib.check_fresh([root] + [variant_dir(root / d, name, seed) for d, plan in plans.items()
+                                    for name, seed, _ in plan], resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+  print(f"Will run {len(variants)} variant(s) ({', '.join(names)}) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) "
+        f"x {len(datasets)} regime(s) ({'; '.join(f'{d}: {descriptions.get(d, d)}' for d in datasets)}) = "
+        f"{len(variants) * len(seeds) * len(datasets)} training runs, plus a zero-shot row per regime -> {root}",
+        flush=True)
+  combined, all_results = {"title": title, "regimes": {}}, {}
+  for dataset, plan in plans.items():
+    regime_title = f"{title}, {dataset} ({descriptions.get(dataset, 'base-to-new')})"
+    writer = ResultsWriter(root / dataset, title=regime_title, row_label="variant", average=False)
+    reference = prompt_run.zero_shot(plan[0][2], progress=show_progress(FLAGS.progress))
+    for split, metrics in reference.items():
+      writer.add(ZERO_SHOT_ROW, 0, metrics, split=split)
+    all_results[dataset] = _train_plan(plan, root / dataset, writer, mesh)
+    writer.write()
+    sentence = regime_sentence(writer.summary(), baseline=names[0])
+    print(accuracy_table(writer.summary(), regime_title, seeds))
+    print(f"\n{sentence}\n", flush=True)
+    combined["regimes"][dataset] = {**writer.to_json(), "description": descriptions.get(dataset), "sentence": sentence}
+  path = root / "results.json"
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(combined, indent=2))
+  print(f"results: {path}")
+  return all_results
+
+
+def regime_sentence(summary: list[dict], *, baseline: str) -> str:
+  """One plain sentence on a regime's table: the baseline (CE) against zero-shot on base and new, then every
+  other variant against the baseline (accuracy means, points)."""
+  acc = {(r["dataset"], r["split"]): 100 * r["mean"] for r in summary if r["metric"] == "accuracy"}
+  zs_b, zs_n = acc[(ZERO_SHOT_ROW, "base")], acc[(ZERO_SHOT_ROW, "new")]
+  b, n = acc[(baseline, "base")], acc[(baseline, "new")]
+  verdict = ("it overfits the base classes: new falls below zero-shot" if n < zs_n - 1 else
+             "what it learns carries over to the new classes" if n > zs_n + 1 else "new stays level with zero-shot")
+  parts = [f"{baseline} moves base {zs_b:.1f} -> {b:.1f} ({b - zs_b:+.1f}) and new {zs_n:.1f} -> {n:.1f} "
+           f"({n - zs_n:+.1f}) against zero-shot ({verdict})"]
+  others = [d for d in dict.fromkeys(d for d, _ in acc) if d not in (ZERO_SHOT_ROW, baseline, results_lib.AVERAGE)]
+  for other in others:
+    if (other, "base") in acc and (other, "new") in acc:
+      parts.append(f"{other} is {acc[(other, 'base')] - b:+.1f} on base and {acc[(other, 'new')] - n:+.1f} on new "
+                   f"against it")
+  return "; ".join(parts) + "."
 
 
 def accuracy_table(summary: list[dict], title: str, seeds: list[int]) -> str:

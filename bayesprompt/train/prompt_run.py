@@ -24,6 +24,7 @@ from bayesprompt.data import get_dataset, pipeline, protocols
 from bayesprompt.data.sources import LabeledSplit
 from bayesprompt.errors import UserError
 from bayesprompt.eval import metrics as metrics_lib
+from bayesprompt.eval.zeroshot import evaluate_split
 from bayesprompt.objectives import make_objective
 from bayesprompt.prompts import make_learner
 from bayesprompt.prompts.engine import zeroshot_text_features
@@ -179,6 +180,21 @@ def evaluate(learner, params, clip_params, split: LabeledSplit, *, batch_size: i
   probs_all = jnp.asarray(np.concatenate(probs))
   labels_all = jnp.asarray(np.concatenate(labels).astype(np.int32))
   return metrics_lib.probability_metrics(probs_all, labels_all)
+
+
+def zero_shot(cfg: PromptRunConfig, *, progress: bool = True,
+              clip_model: tuple[clip.CLIPConfig, Any] | None = None) -> dict[str, dict[str, float]]:
+  """The reference row of a prompt-learning table: the frozen CLIP with each split's hand-crafted template on
+  the splits `run` evaluates (same subsets under `max_eval_examples`). Returns {split: accuracy / nll / ece /
+  brier}."""
+  clip_config, clip_params = clip_model or clip.load_checkpoint(cfg.checkpoint)
+  out = {}
+  for name, split in evaluation_splits(cfg).items():
+    text = zeroshot_text_features(clip_params, clip_config, split.classnames, split.template)
+    out[name] = evaluate_split(clip_params, clip_config, text, split, batch_size=cfg.eval_batch_size,
+                               max_examples=cfg.max_eval_examples, progress=progress,
+                               description=f"zero-shot {name}")["metrics"]
+  return out
 
 
 def finished_results(cfg: PromptRunConfig, run_dir: str | pathlib.Path) -> dict[str, dict[str, float]] | None:

@@ -81,11 +81,15 @@ for _name, _split in _SHIFTED.items():
       prepare=functools.partial(_generated_data_dir, "colour_shape"), few_shot_sampler="nested",
       notes=f"Shifted test split {_split!r} of sandbox_shapes. " + _NOTES))
 
+# The two base-to-new regimes of the sandbox (the README's main job runs both; see tasks.py for the mechanisms).
+REGIMES = {"sandbox_shapes": "misleading prior: weak zero-shot, lamplit photos",
+           "sandbox_catalogue": "the papers' regime: strong zero-shot, base told apart by colour, new by shape"}
+
 # The sandbox's stand-ins for the field's transfer protocols (prompt_run uses them when no targets are given).
 CROSS_DATASET_TARGETS = ("sandbox_textures", "sandbox_sizes")
 SHIFT_TARGETS = tuple(_SHIFTED)
 
 model.register()
 
-__all__ = ["CROSS_DATASET_TARGETS", "DATASETS", "SHIFT_TARGETS", "NAME", "SandboxConfig", "SandboxWorld",
+__all__ = ["CROSS_DATASET_TARGETS", "DATASETS", "REGIMES", "SHIFT_TARGETS", "NAME", "SandboxConfig", "SandboxWorld",
            "data_source", "default_data_dir", "model", "prepare", "tasks", "world"]
