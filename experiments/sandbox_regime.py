@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
+
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("task", "catalogue", "A sandbox task (a key of bayesprompt.data.sandbox.tasks.TASKS).")
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_binary(main)

@@ -345,20 +345,21 @@ def test_ove_pg_binary_runlocal_and_its_flags(tiny_checkpoint, tmp_path, capsys,
     assert "methods" in flags.FLAGS and "method" not in flags.FLAGS and "objective" not in flags.FLAGS
 
 
-def test_ove_pg_binary_runs_both_regimes(tiny_checkpoint, tmp_path, capsys):
+def test_ove_pg_binary_runs_both_regimes(tiny_checkpoint, tmp_path, capsys, monkeypatch):
   """The README's main job with --regimes (`--runlocal`): says first what will run, prints one table per regime
   with a zero-shot row and a sentence read off the table, and results.json holds every regime."""
   from bayesprompt.eval import zeroshot
 
-  root = tmp_path / "regimes"
+  monkeypatch.chdir(tmp_path)
   run_binary("experiments.ove_pg", "--runlocal", "--methods=coop", "--hparams=n_ctx=2", "--ove_modes=corrected",
              f"--checkpoint={tiny_checkpoint}", "--dataset=sandbox_shapes",
              "--regimes=sandbox_shapes,sandbox_catalogue", "--extra_eval_datasets=sandbox_shapes_sketch",
              "--protocol=base2new", "--num_shots=1", "--batch_size=8", "--eval_batch_size=16",
-             "--max_eval_examples=16", f"--run_dir={root}", "--noprogress")
+             "--max_eval_examples=16", "--noprogress")
   out = capsys.readouterr().out
   first = out.strip().splitlines()[0]
-  assert first.startswith("Will run 2 variants") and "x 1 seeds" in first and "x 2 regimes" in first, first
+  assert first.startswith("Will run 2 variant(s)") and "x 1 seed(s)" in first and "x 2 regime(s)" in first, first
+  root = tmp_path / first.split(" -> ")[1]
   assert out.count("| zero-shot |") == 2 and out.count("| coop+ce |") == 2
   combined = json.loads((root / "results.json").read_text())
   assert list(combined["regimes"]) == ["sandbox_shapes", "sandbox_catalogue"]
