@@ -219,7 +219,8 @@ def base_config(method: str, objective: str, objective_kwargs: dict, seed: int,
   extra = FLAGS.extra_eval_datasets if dataset in (None, FLAGS.dataset) else []
   cfg = prompt_run.PromptRunConfig(
       method=method, objective=objective, protocol=FLAGS.protocol, dataset=dataset or FLAGS.dataset,
-      targets=tuple(FLAGS.targets), extra_eval_datasets=tuple(extra), checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir,
+      targets=tuple(FLAGS.targets), extra_eval_datasets=tuple(extra), checkpoint=FLAGS.checkpoint,
+      data_dir=FLAGS.data_dir,
       source=FLAGS.source,
       few_shot_sampler=FLAGS.few_shot_sampler, on_short=FLAGS.on_short, num_shots=FLAGS.num_shots,
       seed=seed, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, lr=FLAGS.lr,
@@ -281,7 +282,8 @@ def run_variants(variants: list[tuple[str, str, dict]], *, title: str) -> dict:
 def _plan(variants: list[tuple[str, str, dict]], seeds: list[int],
           dataset: str | None = None) -> list[tuple[str, int, prompt_run.PromptRunConfig]]:
   """(variant name, seed, run config) of every run, variant-major."""
-  return [(variant_name(method, objective, kwargs), seed, base_config(method, objective, kwargs, seed, dataset))
+  return [(variant_name(method, objective, kwargs), seed,
+           base_config(method, objective, kwargs, seed, dataset))
           for method, objective, kwargs in variants for seed in seeds]
 
 
@@ -327,12 +329,12 @@ def run_regimes(variants: list[tuple[str, str, dict]], datasets: list[str], *, t
   names = [variant_name(*v) for v in variants]
   plans = {dataset: _plan(variants, seeds, dataset) for dataset in datasets}
   root = _root([run for plan in plans.values() for run in plan], f"{FLAGS.protocol}_regimes")
-  run_dir_lib.check_fresh([root] + [variant_dir(root / d, name, seed) for d, plan in plans.items()
-                                    for name, seed, _ in plan], resume=FLAGS.resume, overwrite=FLAGS.overwrite)
-  print(f"Will run {len(variants)} variant(s) ({', '.join(names)}) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) "
-        f"x {len(datasets)} regime(s) ({'; '.join(f'{d}: {descriptions.get(d, d)}' for d in datasets)}) = "
-        f"{len(variants) * len(seeds) * len(datasets)} training runs, plus a zero-shot row per regime -> {root}",
-        flush=True)
+  run_dirs = [variant_dir(root / d, name, seed) for d, plan in plans.items() for name, seed, _ in plan]
+  run_dir_lib.check_fresh([root] + run_dirs, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+  regimes = "; ".join(f"{d}: {descriptions.get(d, d)}" for d in datasets)
+  print(f"Will run {len(variants)} variant(s) ({', '.join(names)}) x {len(seeds)} seed(s) "
+        f"({', '.join(map(str, seeds))}) x {len(datasets)} regime(s) ({regimes}) = {len(run_dirs)} training "
+        f"runs, plus a zero-shot row per regime -> {root}", flush=True)
   combined, all_results = {"title": title, "regimes": {}}, {}
   for dataset, plan in plans.items():
     regime_title = f"{title}, {dataset} ({descriptions.get(dataset, 'base-to-new')})"
@@ -345,7 +347,8 @@ def run_regimes(variants: list[tuple[str, str, dict]], datasets: list[str], *, t
     sentence = regime_sentence(writer.summary(), baseline=names[0])
     print(accuracy_table(writer.summary(), regime_title, seeds))
     print(f"\n{sentence}\n", flush=True)
-    combined["regimes"][dataset] = {**writer.to_json(), "description": descriptions.get(dataset), "sentence": sentence}
+    combined["regimes"][dataset] = {**writer.to_json(), "description": descriptions.get(dataset),
+                                    "sentence": sentence}
   path = root / "results.json"
   if jax.process_index() == 0:
     path.write_text(json.dumps(combined, indent=2))
@@ -360,14 +363,15 @@ def regime_sentence(summary: list[dict], *, baseline: str) -> str:
   zs_b, zs_n = acc[(ZERO_SHOT_ROW, "base")], acc[(ZERO_SHOT_ROW, "new")]
   b, n = acc[(baseline, "base")], acc[(baseline, "new")]
   verdict = ("it overfits the base classes: new falls below zero-shot" if n < zs_n - 1 else
-             "what it learns carries over to the new classes" if n > zs_n + 1 else "new stays level with zero-shot")
+             "what it learns carries over to the new classes" if n > zs_n + 1 else
+             "new stays level with zero-shot")
   parts = [f"{baseline} moves base {zs_b:.1f} -> {b:.1f} ({b - zs_b:+.1f}) and new {zs_n:.1f} -> {n:.1f} "
            f"({n - zs_n:+.1f}) against zero-shot ({verdict})"]
-  others = [d for d in dict.fromkeys(d for d, _ in acc) if d not in (ZERO_SHOT_ROW, baseline, results_lib.AVERAGE)]
-  for other in others:
+  skip = (ZERO_SHOT_ROW, baseline, results_lib.AVERAGE)
+  for other in [d for d in dict.fromkeys(d for d, _ in acc) if d not in skip]:
     if (other, "base") in acc and (other, "new") in acc:
-      parts.append(f"{other} is {acc[(other, 'base')] - b:+.1f} on base and {acc[(other, 'new')] - n:+.1f} on new "
-                   f"against it")
+      d_base, d_new = acc[(other, "base")] - b, acc[(other, "new")] - n
+      parts.append(f"{other} is {d_base:+.1f} on base and {d_new:+.1f} on new against it")
   return "; ".join(parts) + "."
 
 

@@ -6,9 +6,10 @@ The project's main job:
 
 runs two regimes (--regimes: sandbox_shapes, the misleading prior, and sandbox_catalogue, the papers' regime)
 and in each trains each method in --methods with CE and with the one-vs-each Pólya-Gamma objective (arXiv
-2504.14123) in each mode of --ove_modes ("corrected": exact PG moments, κ = +½; "faithful": the official code's
-behaviour), for every seed, evaluates on the protocol's test splits and prints one table per regime (a zero-shot
-row, then mean ± std over seeds) with a sentence read off it; results.json in --run_dir holds every regime.
+2504.14123) in each mode of --ove_modes ("corrected": exact PG moments, κ = +½; "faithful": the official
+code's behaviour), for every seed, evaluates on the protocol's test splits and prints one table per regime
+(a zero-shot row, then mean ± std over seeds) with a sentence read off it; results.json in --run_dir holds
+every regime.
 Without --regimes: --dataset alone, one table, no zero-shot row. Objective options (prior_precision,
 teacher_weight, num_samples, omega_source) go in --objective_hparams as key=value.
 """
@@ -41,7 +42,8 @@ def main(argv):
   if FLAGS.regimes:
     from bayesprompt.data.sandbox import REGIMES
 
-    common.run_regimes(variants, FLAGS.regimes, title=f"CE vs OVE-PG ({FLAGS.protocol})", descriptions=REGIMES)
+    common.run_regimes(variants, FLAGS.regimes, title=f"CE vs OVE-PG ({FLAGS.protocol})",
+                       descriptions=REGIMES)
   else:
     common.run_variants(variants, title=f"CE vs OVE-PG ({FLAGS.protocol}, {FLAGS.dataset})")
 

@@ -42,19 +42,23 @@ def test_fit_context_matches_the_prompt_trainer_step(shipped):
   learner = CoOp(clip_config=config, n_ctx=4)
   features = evaluate.image_embeddings(params, images, config)
   n = len(labels)
-  fitted = feature_coop.fit_context(learner, params, NAMES, features, labels, epochs=1, batch_size=n, lr=0.5,
-                                    seed=7, warmup_epochs=0)
+  fitted = feature_coop.fit_context(
+    learner, params, NAMES, features, labels, epochs=1, batch_size=n, lr=0.5, seed=7, warmup_epochs=0
+  )
   tx = optim.make_optimizer("sgd", optim.dassl_cosine_schedule(0.5, 1, 1, warmup_epochs=0), weight_decay=5e-4)
   class_state = learner.prepare_classes(params, NAMES)
   state = prompt_trainer.create_train_state(learner, tx, 7, params, class_state)
   step = prompt_trainer.make_train_step(learner, make_objective("ce"), tx)
   teacher = jnp.zeros((len(NAMES), config.embed_dim))
   before = np.asarray(state.params["ctx"]).copy()  # the jitted step donates its input state
-  after, _ = step(state, params, class_state, evaluate.normalize_images(jnp.asarray(images)), jnp.asarray(labels),
-                  teacher)
+  after, _ = step(
+    state, params, class_state, evaluate.normalize_images(jnp.asarray(images)), jnp.asarray(labels), teacher
+  )
   moved = np.abs(np.asarray(after.params["ctx"]) - before).max()
   assert moved > 1e-4  # the step did something
-  np.testing.assert_allclose(np.asarray(fitted["ctx"]), np.asarray(after.params["ctx"]), atol=1e-5 + 1e-3 * moved)
+  np.testing.assert_allclose(
+    np.asarray(fitted["ctx"]), np.asarray(after.params["ctx"]), atol=1e-5 + 1e-3 * moved
+  )
 
 
 def test_fit_context_learns_and_views_are_drawn(shipped):
@@ -64,7 +68,9 @@ def test_fit_context_learns_and_views_are_drawn(shipped):
   views = np.stack([features, evaluate.image_embeddings(params, images[:, :, ::-1], config)], axis=1)
   init = learner.init(jax.random.key(1), params, learner.prepare_classes(params, NAMES))
   before = feature_coop.accuracy(learner, init, params, NAMES, features, labels)
-  ctx = feature_coop.fit_context(learner, params, NAMES, views, labels, epochs=60, batch_size=8, lr=2e-2, seed=1)
+  ctx = feature_coop.fit_context(
+    learner, params, NAMES, views, labels, epochs=60, batch_size=8, lr=2e-2, seed=1
+  )
   after = feature_coop.accuracy(learner, ctx, params, NAMES, features, labels)
   assert after >= 0.875 and after > before, (before, after)  # 16 training images, 4 classes
 
@@ -74,8 +80,14 @@ def test_fit_context_rejects_bad_input(shipped):
   learner = CoOp(clip_config=config, n_ctx=4)
   features = np.zeros((len(labels), config.embed_dim), np.float32)
   with pytest.raises(ValueError, match="labels must lie"):
-    feature_coop.fit_context(learner, params, NAMES[:2], features, labels, epochs=1, batch_size=4, lr=1e-3, seed=0)
+    feature_coop.fit_context(
+      learner, params, NAMES[:2], features, labels, epochs=1, batch_size=4, lr=1e-3, seed=0
+    )
   with pytest.raises(ValueError, match="batch_size"):
-    feature_coop.fit_context(learner, params, NAMES, features, labels, epochs=1, batch_size=99, lr=1e-3, seed=0)
+    feature_coop.fit_context(
+      learner, params, NAMES, features, labels, epochs=1, batch_size=99, lr=1e-3, seed=0
+    )
   with pytest.raises(ValueError, match=r"\[N, D\]"):
-    feature_coop.fit_context(learner, params, NAMES, features[:3], labels, epochs=1, batch_size=2, lr=1e-3, seed=0)
+    feature_coop.fit_context(
+      learner, params, NAMES, features[:3], labels, epochs=1, batch_size=2, lr=1e-3, seed=0
+    )

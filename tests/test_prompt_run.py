@@ -346,19 +346,20 @@ def test_ove_pg_binary_runlocal_and_its_flags(tiny_checkpoint, tmp_path, capsys,
 
 
 def test_ove_pg_binary_runs_both_regimes(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-  """The README's main job with --regimes (`--runlocal`): says first what will run, prints one table per regime
-  with a zero-shot row and a sentence read off the table, and results.json holds every regime."""
+  """The README's main job with --regimes (`--runlocal`): says first what will run, prints one table per
+  regime with a zero-shot row and a sentence read off the table, and results.json holds every regime."""
   from bayesprompt.eval import zeroshot
 
   monkeypatch.chdir(tmp_path)
-  run_binary("experiments.ove_pg", "--runlocal", "--methods=coop", "--hparams=n_ctx=2", "--ove_modes=corrected",
-             f"--checkpoint={tiny_checkpoint}", "--dataset=sandbox_shapes",
+  run_binary("experiments.ove_pg", "--runlocal", "--methods=coop", "--hparams=n_ctx=2",
+             "--ove_modes=corrected", f"--checkpoint={tiny_checkpoint}", "--dataset=sandbox_shapes",
              "--regimes=sandbox_shapes,sandbox_catalogue", "--extra_eval_datasets=sandbox_shapes_sketch",
              "--protocol=base2new", "--num_shots=1", "--batch_size=8", "--eval_batch_size=16",
              "--max_eval_examples=16", "--noprogress")
   out = capsys.readouterr().out
   first = out.strip().splitlines()[0]
-  assert first.startswith("Will run 2 variant(s)") and "x 1 seed(s)" in first and "x 2 regime(s)" in first, first
+  assert first.startswith("Will run 2 variant(s)"), first
+  assert "x 1 seed(s)" in first and "x 2 regime(s)" in first, first
   root = tmp_path / first.split(" -> ")[1]
   assert out.count("| zero-shot |") == 2 and out.count("| coop+ce |") == 2
   combined = json.loads((root / "results.json").read_text())
@@ -368,15 +369,16 @@ def test_ove_pg_binary_runs_both_regimes(tiny_checkpoint, tmp_path, capsys, monk
     assert {d for d, _ in acc} >= {"zero-shot", "coop+ce", "coop+ove_pg,mode=corrected"}
     assert all(np.isfinite(v) for v in acc.values())
     # The sentence quotes the table: CE against zero-shot, then OVE-PG against CE.
-    zs, ce = (acc[("zero-shot", "base")], acc[("zero-shot", "new")]), (acc[("coop+ce", "base")], acc[("coop+ce", "new")])
+    zs = (acc[("zero-shot", "base")], acc[("zero-shot", "new")])
+    ce = (acc[("coop+ce", "base")], acc[("coop+ce", "new")])
     assert f"base {100 * zs[0]:.1f} -> {100 * ce[0]:.1f}" in regime["sentence"], regime["sentence"]
     assert f"new {100 * zs[1]:.1f} -> {100 * ce[1]:.1f}" in regime["sentence"]
     assert regime["sentence"] in out
     # Extra (shifted) sets belong to --dataset's regime only.
     assert (("zero-shot", "sandbox_shapes_sketch/base") in acc) == (dataset == "sandbox_shapes")
     # The zero-shot row is the zero-shot binary's figure on the same test subset.
-    reference = zeroshot.evaluate_checkpoint(str(tiny_checkpoint), [dataset], protocol="base2new", data_dir=None,
-                                             source=None, batch_size=16, max_examples=16,
+    reference = zeroshot.evaluate_checkpoint(str(tiny_checkpoint), [dataset], protocol="base2new",
+                                             data_dir=None, source=None, batch_size=16, max_examples=16,
                                              run_dir=str(tmp_path / f"zs_{dataset}"), progress=False)
     for half in ("base", "new"):
       np.testing.assert_allclose(acc[("zero-shot", half)], reference[dataset][half]["accuracy"], atol=1e-6)

@@ -12,8 +12,8 @@ import pytest
 from bayesprompt.data.sandbox import model
 from bayesprompt.eval import regime
 
-# Zero-shot is a deterministic function of the generated test split and the checkpoint: the margin only absorbs
-# float differences between machines (one image = 0.1 point).
+# Zero-shot is a deterministic function of the generated test split and the checkpoint: the margin only
+# absorbs float differences between machines (one image = 0.1 point).
 RECORDED_ZERO_SHOT = {"base": 0.5540, "new": 0.6160}
 ZERO_SHOT_MARGIN = 0.01
 

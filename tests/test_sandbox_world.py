@@ -24,8 +24,8 @@ def _generate(task, split, seed=0, count=2):
 # ------------------------------------------------------------------------------------------ determinism
 
 
-@pytest.mark.parametrize("task,split", [("colour_shape", "test_a"), ("captions", "train"), ("size_shape", "train"),
-                                        ("catalogue", "test")])
+@pytest.mark.parametrize("task,split", [("colour_shape", "test_a"), ("captions", "train"),
+                                        ("size_shape", "train"), ("catalogue", "test")])
 def test_generation_is_deterministic_in_the_seed(task, split):
   a, b = _generate(task, split, seed=3), _generate(task, split, seed=3)
   assert a["image"].tobytes() == b["image"].tobytes()
@@ -152,7 +152,8 @@ def test_catalogue_halves_differ_along_different_attributes():
   base_colours, base_shapes = {c for c, _ in base}, {s for _, s in base}
   new_colours, new_shapes = {c for c, _ in new}, {s for _, s in new}
   assert base_colours == set(range(len(world.COLOURS))) and len(base_shapes) == 3
-  assert len(new_colours) == 4 and len(new_shapes) == 5 and base_shapes & new_shapes == {world.SHAPES.index("square")}
+  assert len(new_colours) == 4 and len(new_shapes) == 5
+  assert base_shapes & new_shapes == {world.SHAPES.index("square")}
   # New colours: exactly those the lamp leaves with their name (test_apparent_colours_are_the_nearest_hues_...
   # checks APPARENT_UNDER_LAMP against the rendered hues), i.e. nothing for a light correction to fix there.
   stable = {c for c, name in enumerate(world.COLOURS) if world.APPARENT_UNDER_LAMP[c] == name}
@@ -187,7 +188,8 @@ def test_registered_datasets_match_the_builder():
   import bayesprompt.data.sandbox  # noqa: F401  (registers)
 
   for name, (task, split) in {"sandbox_shapes": ("colour_shape", "test"), "sandbox_textures": ("texture_shape", "test"),
-                              "sandbox_sizes": ("size_shape", "test"), "sandbox_catalogue": ("catalogue", "test"),
+                              "sandbox_sizes": ("size_shape", "test"),
+                              "sandbox_catalogue": ("catalogue", "test"),
                               "sandbox_shapes_a": ("colour_shape", "test_a")}.items():
     spec = registry.get_dataset(name)
     assert spec.tfds_name == f"sandbox_world/{task}"

@@ -1,13 +1,14 @@
 """CoOp trained on cached image features: the shared text context fitted against precomputed image embeddings.
 
-CoOp never touches the image tower, so a training step needs only each image's normalised frozen feature and a
-text-tower pass over the class prompts. Computing the features once turns a sandbox CoOp run into seconds: the
-sandbox regime probe (`eval/regime.py`, `experiments.sandbox_regime`) and its regression test use it. Same
-learner init (`prompt_trainer.create_train_state`), Dassl cosine schedule with constant warm-up and torch-style
-SGD as `prompt_run`. The augmentation is precomputed too: given the features of V views of each image (e.g. the
-image and its mirror image, the sandbox's flip-only augmentation), each step draws one view per example, as the
-binary's random flip does. Batches are a per-epoch permutation (drop-last, as the binary), but not the
-binary's data order, so figures are close to, not equal to, `experiments.prompt_learning`'s.
+CoOp never touches the image tower, so a training step needs only each image's normalised frozen feature and
+a text-tower pass over the class prompts. Computing the features once turns a sandbox CoOp run into seconds:
+the sandbox regime probe (`eval/regime.py`, `experiments.sandbox_regime`) and its regression test use it.
+Same learner init (`prompt_trainer.create_train_state`), Dassl cosine schedule with constant warm-up and
+torch-style SGD as `prompt_run`. The augmentation is precomputed too: given the features of V views of each
+image (e.g. the image and its mirror image: the sandbox's flip-only augmentation), each step draws one view
+per example, as the binary's random flip does. Batches are a per-epoch permutation (drop-last, as the
+binary), but not the binary's data order, so figures are close to, not equal to, those of
+`experiments.prompt_learning`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,23 @@ from bayesprompt.prompts.coop import CoOp
 from bayesprompt.train import optim, prompt_trainer
 
 
-def fit_context(learner: CoOp, clip_params, classnames: Sequence[str], features: np.ndarray, labels: np.ndarray, *,
-                epochs: int, batch_size: int, lr: float, seed: int, weight_decay: float = 5e-4,
-                warmup_epochs: int = 1, warmup_lr: float = 1e-5, optimizer: str = "sgd",
-                momentum: float = 0.9) -> dict:
+def fit_context(
+  learner: CoOp,
+  clip_params,
+  classnames: Sequence[str],
+  features: np.ndarray,
+  labels: np.ndarray,
+  *,
+  epochs: int,
+  batch_size: int,
+  lr: float,
+  seed: int,
+  weight_decay: float = 5e-4,
+  warmup_epochs: int = 1,
+  warmup_lr: float = 1e-5,
+  optimizer: str = "sgd",
+  momentum: float = 0.9,
+) -> dict:
   """Trains a CoOp context with cross-entropy on cached features.
 
   Args:
@@ -48,15 +62,17 @@ def fit_context(learner: CoOp, clip_params, classnames: Sequence[str], features:
   if features.ndim == 2:
     features = features[:, None]
   if features.ndim != 3 or len(features) != len(labels):
-    raise ValueError(f"features must be [N, D] or [N, V, D] with one label each; got {features.shape} and "
-                     f"{labels.shape}")
+    raise ValueError(
+      f"features must be [N, D] or [N, V, D] with one label each; got {features.shape} and {labels.shape}"
+    )
   if labels.size and (labels.min() < 0 or labels.max() >= len(classnames)):
     raise ValueError(f"labels must lie in [0, {len(classnames)}); got [{labels.min()}, {labels.max()}]")
   steps_per_epoch = len(labels) // batch_size
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size {batch_size} exceeds the {len(labels)} training examples")
-  schedule = optim.dassl_cosine_schedule(lr, epochs, steps_per_epoch, warmup_epochs=warmup_epochs,
-                                         warmup_lr=warmup_lr)
+  schedule = optim.dassl_cosine_schedule(
+    lr, epochs, steps_per_epoch, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr
+  )
   tx = optim.make_optimizer(optimizer, schedule, weight_decay=weight_decay, momentum=momentum)
   class_state = learner.prepare_classes(clip_params, classnames)
   state = prompt_trainer.create_train_state(learner, tx, seed, clip_params, class_state)
@@ -76,17 +92,26 @@ def fit_context(learner: CoOp, clip_params, classnames: Sequence[str], features:
   for _ in range(epochs):
     perm = order.permutation(len(labels))
     for s in range(steps_per_epoch):
-      batch = perm[s * batch_size:(s + 1) * batch_size]
+      batch = perm[s * batch_size : (s + 1) * batch_size]
       views = order.integers(0, features.shape[1], len(batch))
-      params, opt_state = step(params, opt_state, jnp.asarray(features[batch, views]),
-                               jnp.asarray(labels[batch], jnp.int32))
+      params, opt_state = step(
+        params, opt_state, jnp.asarray(features[batch, views]), jnp.asarray(labels[batch], jnp.int32)
+      )
   return params
 
 
-def accuracy(learner: CoOp, learner_params: dict, clip_params, classnames: Sequence[str], features: np.ndarray,
-             labels: np.ndarray) -> float:
+def accuracy(
+  learner: CoOp,
+  learner_params: dict,
+  clip_params,
+  classnames: Sequence[str],
+  features: np.ndarray,
+  labels: np.ndarray,
+) -> float:
   """Top-1 accuracy of the context on cached features [N, D] with labels [N] over the class list `classnames`
   (a context trained on other classes applies as is: base-to-new)."""
   class_state = learner.prepare_classes(clip_params, classnames)
-  logits = jax.jit(learner.logits_from_features)(learner_params, clip_params, class_state, jnp.asarray(features))
+  logits = jax.jit(learner.logits_from_features)(
+    learner_params, clip_params, class_state, jnp.asarray(features)
+  )
   return float(np.mean(np.asarray(logits).argmax(1) == np.asarray(labels)))

@@ -2,7 +2,8 @@
 
 Importing this package (which does not import TFDS: the builder module is loaded on first use)
   * makes the TFDS builder `sandbox_world` available (configs captions / colour_shape / texture_shape /
-    size_shape / catalogue; registered with TFDS when `builder` is imported, which reading a sandbox dataset does);
+    size_shape / catalogue; registered with TFDS when `builder` is imported, which reading a sandbox dataset
+    does);
   * registers the classification datasets in the data registry:
       sandbox_shapes          colour x shape, 64 classes (labels 0-31 base, 32-63 new), train/val/test
       sandbox_shapes_v2       its test set with re-sampled, shifted nuisances     (plays ImageNet-V2)
@@ -81,9 +82,9 @@ for _name, _split in _SHIFTED.items():
       prepare=functools.partial(_generated_data_dir, "colour_shape"), few_shot_sampler="nested",
       notes=f"Shifted test split {_split!r} of sandbox_shapes. " + _NOTES))
 
-# The two base-to-new regimes of the sandbox (the README's main job runs both; see tasks.py for the mechanisms).
+# The sandbox's two base-to-new regimes (the README's main job runs both; tasks.py states the mechanisms).
 REGIMES = {"sandbox_shapes": "misleading prior: weak zero-shot, lamplit photos",
-           "sandbox_catalogue": "the papers' regime: strong zero-shot, base told apart by colour, new by shape"}
+           "sandbox_catalogue": "the papers' regime: strong zero-shot, base differs by colour, new by shape"}
 
 # The sandbox's stand-ins for the field's transfer protocols (prompt_run uses them when no targets are given).
 CROSS_DATASET_TARGETS = ("sandbox_textures", "sandbox_sizes")
@@ -91,5 +92,5 @@ SHIFT_TARGETS = tuple(_SHIFTED)
 
 model.register()
 
-__all__ = ["CROSS_DATASET_TARGETS", "DATASETS", "REGIMES", "SHIFT_TARGETS", "NAME", "SandboxConfig", "SandboxWorld",
-           "data_source", "default_data_dir", "model", "prepare", "tasks", "world"]
+__all__ = ["CROSS_DATASET_TARGETS", "DATASETS", "REGIMES", "SHIFT_TARGETS", "NAME", "SandboxConfig",
+           "SandboxWorld", "data_source", "default_data_dir", "model", "prepare", "tasks", "world"]

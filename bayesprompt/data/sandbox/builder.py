@@ -62,9 +62,9 @@ class SandboxWorld(tfds.core.GeneratorBasedBuilder):
                    "1.2.0": "Lamplight: the benchmark's photos are lamplit (a warm cast), 30% of the corpus's photos "
                             "are; their captions name the light half of the time (and then the true colour), "
                             "otherwise the apparent colour; new `light` field.",
-                   "1.3.0": "New config `catalogue` (the field's base-to-new regime: base classes told apart by colour, "
-                            "new ones by shape, photos in mixed light, domain `mixed`); the other configs' bytes "
-                            "are unchanged."}
+                   "1.3.0": "New config `catalogue` (the field's base-to-new regime: base classes told "
+                            "apart by colour, new ones by shape, photos in mixed light, domain `mixed`); the "
+                            "other configs' bytes are unchanged."}
   BUILDER_CONFIGS = _configs()
   DEFAULT_CONFIG_NAME = "colour_shape"
 

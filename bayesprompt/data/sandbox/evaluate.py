@@ -155,8 +155,8 @@ def zero_shot(params, config: CLIPConfig, tokenizer, *, datasets: Iterable[str] 
 
 def generate_in_memory(task: str, split: str, *, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """A task split generated in memory (no TFDS), `count` images per class of world seed `seed`: images uint8
-  [C * count, 32, 32, 3] and labels int32 [C * count] (the split's distribution; not the prepared files' images
-  unless `count` is the split's size)."""
+  [C * count, 32, 32, 3] and labels int32 [C * count] (the split's distribution; the prepared files' images
+  when `count` is the split's size)."""
   chunks = list(tasks.generate(task, split, seed=seed, count=count))
   return np.concatenate([c["image"] for c in chunks]), np.concatenate([c["label"] for c in chunks])
 

@@ -10,9 +10,9 @@ side. Inside each half, classes are in lexicographic order of (first attribute, 
 The `catalogue` task (world 1.3.0) is the field's regime, next to colour_shape's "misleading prior" one: a
 strong zero-shot prior that prompt learning beats on the base classes and loses on the new ones. Its classes
 are not a full grid but a shop's catalogue: the base products differ from each other mainly by colour (the
-circle and the star in all eight paints, the square in the four lamp-shifted ones: yellow, cyan, purple, pink),
-the new products mainly by shape (square, triangle, cross, ring and crescent, each in the four lamp-stable
-paints: red, orange, green, blue); 20 + 20 classes (chance 5%), no composition on both sides. Its photos were
+circle and the star in all eight paints, the square in the four lamp-shifted ones: yellow, cyan, purple,
+pink), the new products mainly by shape (square, triangle, cross, ring and crescent, each in the four
+lamp-stable paints: red, orange, green, blue); 20 + 20 classes (chance 5%), no composition on both sides. Its photos were
 taken in mixed light (half of them lamplit, domain "mixed"). The hand-crafted prompt reads the base classes
 well on daylight photos and by their apparent colour under the lamp; a context learned on base corrects the
 light and is trained only to tell colours apart. On the new classes there is nothing for the light correction
@@ -77,7 +77,8 @@ class TaskSpec:
   def compositions(self) -> list[tuple[int, int]]:
     """(first id, second id) of every class, in label order: base classes, then new."""
     pairs = [(a, b) for a in range(len(world.ATTRIBUTES[self.first]))
-             for b in range(len(world.ATTRIBUTES[self.second])) if self.is_class is None or self.is_class(a, b)]
+             for b in range(len(world.ATTRIBUTES[self.second]))
+             if self.is_class is None or self.is_class(a, b)]
     return [p for p in pairs if self.is_base(*p)] + [p for p in pairs if not self.is_base(*p)]
 
   @property
@@ -106,23 +107,27 @@ TASKS: dict[str, TaskSpec] = {
                            "a photo of a {}.", dict(_STANDARD_SPLITS)),
 }
 
-# The catalogue (see the module docstring): colours whose name the lamp changes (world.APPARENT_UNDER_LAMP) and
-# those it keeps; base shapes and the new ones.
-LAMP_SHIFTED_COLOURS = tuple(c for c, name in enumerate(world.COLOURS) if world.APPARENT_UNDER_LAMP[c] != name)
+# The catalogue (see the module docstring): colours whose name the lamp changes (world.APPARENT_UNDER_LAMP)
+# and those it keeps; base shapes and the new ones.
+LAMP_SHIFTED_COLOURS = tuple(c for c, name in enumerate(world.COLOURS)
+                             if world.APPARENT_UNDER_LAMP[c] != name)
 LAMP_STABLE_COLOURS = tuple(c for c, name in enumerate(world.COLOURS) if world.APPARENT_UNDER_LAMP[c] == name)
 CATALOGUE_BASE_SHAPES = tuple(world.SHAPES.index(s) for s in ("circle", "star"))  # in every colour
 CATALOGUE_SHIFTED_SHAPE = world.SHAPES.index("square")  # in the lamp-shifted colours only
 # In the lamp-stable colours only (so the square is a base class in some colours and a new one in others).
-CATALOGUE_NEW_SHAPES = tuple(world.SHAPES.index(s) for s in ("square", "triangle", "cross", "ring", "crescent"))
+CATALOGUE_NEW_SHAPES = tuple(world.SHAPES.index(s)
+                             for s in ("square", "triangle", "cross", "ring", "crescent"))
 
 
 def _catalogue_is_base(colour: int, shape: int) -> bool:
   # A new class's shape may be a base shape (the square): its colour then tells the halves apart.
-  return shape in CATALOGUE_BASE_SHAPES or (shape == CATALOGUE_SHIFTED_SHAPE and colour in LAMP_SHIFTED_COLOURS)
+  return shape in CATALOGUE_BASE_SHAPES or (shape == CATALOGUE_SHIFTED_SHAPE
+                                            and colour in LAMP_SHIFTED_COLOURS)
 
 
 def _catalogue_is_class(colour: int, shape: int) -> bool:
-  return _catalogue_is_base(colour, shape) or (shape in CATALOGUE_NEW_SHAPES and colour in LAMP_STABLE_COLOURS)
+  is_new = shape in CATALOGUE_NEW_SHAPES and colour in LAMP_STABLE_COLOURS
+  return _catalogue_is_base(colour, shape) or is_new
 
 
 TASKS["catalogue"] = TaskSpec(
