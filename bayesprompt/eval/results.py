@@ -234,3 +234,25 @@ class ResultsWriter:
     with open(paths["json"], "w", encoding="utf-8") as f:
       json.dump(self.to_json(), f, indent=1)
     return paths
+
+
+def read_summary_cell(results_json: str | os.PathLike, split: str, *, variant: str | None = None,
+                      metric: str = "accuracy") -> tuple[float, float]:
+  """(mean, std) of one cell of a written table (a run directory's results.json, `summary` rows).
+
+  `variant`: the row (`dataset` field of the summary, e.g. "coop+ce"); None: the table must have exactly one
+  row besides "average". Raises ValueError naming what is missing (the file, the row or the split)."""
+  path = os.fspath(results_json)
+  if not os.path.exists(path):
+    raise ValueError(f"{path} does not exist: expected a run directory's results.json")
+  with open(path) as f:
+    rows = json.load(f)["summary"]
+  variants = list(dict.fromkeys(r["dataset"] for r in rows if r["dataset"] != AVERAGE))
+  if variant is None:
+    if len(variants) != 1:
+      raise ValueError(f"{path} holds {len(variants)} rows {variants}: name the variant")
+    variant = variants[0]
+  for row in rows:
+    if row["dataset"] == variant and row["split"] == split and row["metric"] == metric:
+      return float(row["mean"]), float(row["std"])
+  raise ValueError(f"{path} has no {metric} of {variant!r} on split {split!r}; rows: {variants}")
