@@ -1,5 +1,5 @@
-"""bayesprompt.eval.sweep and experiments.plot_sweep: a sweep read back from written tables equals the per-seed
-values that went in (mean, sample std, HM of the means), sorted by value; bad points fail by name."""
+"""bayesprompt.eval.sweep and experiments.plot_sweep: a sweep read back from written tables equals the
+per-seed values that went in (mean, sample std, HM of the means), sorted by value; bad points fail by name."""
 
 import json
 
