@@ -115,6 +115,26 @@ def test_tfds_data_source_by_name(tiny_dirs):
   assert len(source) == TINY * 64
 
 
+def test_prepare_waits_for_another_process_preparing_the_same_directory(tmp_path):
+  """Concurrent preparers (pytest-xdist workers, two runs) take turns on `<data_dir>/.sandbox_prepare.lock`:
+  while another holder has it, `prepare` neither writes nor returns; once it is released, it generates."""
+  import fcntl
+  import threading
+
+  config = builder.SandboxConfig(name="colour_shape_locked", task="colour_shape", count=1)
+  finished = []
+  with open(tmp_path / ".sandbox_prepare.lock", "a") as held:  # another open file: flock conflicts with it
+    fcntl.flock(held, fcntl.LOCK_EX)
+    waiter = threading.Thread(target=lambda: finished.append(builder.prepare(config, data_dir=str(tmp_path))))
+    waiter.start()
+    waiter.join(timeout=2.0)
+    assert waiter.is_alive() and not finished
+    assert not list(tmp_path.rglob("*.array_record*")), "generated while another preparer held the lock"
+  waiter.join(timeout=300)
+  assert not waiter.is_alive() and len(finished) == 1
+  assert len(builder.data_source(config, "test_r", data_dir=str(tmp_path))) == 64
+
+
 # ------------------------------------------------------------------------------------------ base / new
 
 

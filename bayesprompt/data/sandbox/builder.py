@@ -17,6 +17,7 @@ Data directory: `data_dir` if given, else $BAYESPROMPT_DATA_DIR, else ~/.cache/b
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import pathlib
 
@@ -122,9 +123,17 @@ def get_builder(config: str | SandboxConfig = "colour_shape", data_dir: str | No
 
 
 def prepare(config: str | SandboxConfig = "colour_shape", data_dir: str | None = None) -> SandboxWorld:
-  """Generates the config's files if they are not there yet, and returns its builder."""
-  builder = get_builder(config, data_dir)
-  builder.download_and_prepare()
+  """Generates the config's files if they are not there yet, and returns its builder.
+
+  Several processes may prepare into one data directory at once (pytest-xdist workers, two runs started
+  together): an exclusive lock on `<data_dir>/.sandbox_prepare.lock` makes one generate while the others wait,
+  and the builder is made under the lock so that a waiter reads the finished dataset's info."""
+  directory = pathlib.Path(data_dir or default_data_dir()).expanduser()
+  directory.mkdir(parents=True, exist_ok=True)
+  with open(directory / ".sandbox_prepare.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    builder = get_builder(config, data_dir)
+    builder.download_and_prepare()
   return builder
 
 
