@@ -99,12 +99,12 @@ def hessian_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("hessian")
   data_dir = str(root / "data")
   checkpoint = save_tiny_clip(root / "tiny")
-  # The 1-device run generates the smoke corpus first (two processes must not generate it at once).
+  # Both generate the smoke corpus into one data dir: sandbox prepare() locks it, so one writes, the other waits.
   for name in ("one", "four"):
     (root / name).mkdir()
   one = start(hessian_args(checkpoint, "--mesh_data=1"), 4, data_dir, cwd=root / "one")
-  wait(one)
   four = start(hessian_args(checkpoint), 4, data_dir, cwd=root / "four")
+  wait(one)
   wait(four)
   return {"root": root, "checkpoint": checkpoint, "data_dir": data_dir, "one": smoke_run(root / "one"),
           "four": smoke_run(root / "four")}
