@@ -33,6 +33,22 @@ if JAX_CACHE_DIR:
       sys.modules["jax"].config.update(_name, _value)
 
 
+# Under pytest-xdist (pyproject addopts: --dist loadfile) each file goes whole to the next free worker, so a
+# long file started last keeps one core busy after the other has finished. These files are handed out first
+# (longest first: CPU-s of `pytest -n 0 <file>`, 2026-12-03; most are one or two long subprocess scenarios),
+# the rest follow in collection order. A name here that no longer exists is ignored.
+LONGEST_FILES_FIRST = ("test_distributed.py", "test_run_hygiene.py", "test_resume_kill.py", "test_prompt_run.py",
+                       "test_bayesvlm_binaries.py", "test_device_suite.py", "test_distributed_binaries.py",
+                       "test_sandbox_pretrain.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  if not hasattr(config, "workerinput"):  # a serial run keeps pytest's order
+    return
+  rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
   if not FIXTURES.is_dir():
