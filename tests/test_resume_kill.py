@@ -128,17 +128,26 @@ def test_kill_and_resume_ten_times_is_bit_identical(tmp_path):
     assert all(np.isfinite(v) for v in row["metrics"].values()), row
 
 
-@pytest.mark.parametrize("flag", ["", "--resume"])
-def test_rerun_refuses_or_resumes(tmp_path, flag):
-  """A finished run: rerunning without --resume is refused (one line naming --resume and --overwrite, exit
-  2, metrics.jsonl untouched); with --resume every seed is read back."""
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished 1-seed run, made once for both rerun tests (with the JAX cache they share): (command, env,
+  run root, its metrics.jsonl). Neither rerun may change the run; each test checks that."""
+  tmp_path = tmp_path_factory.mktemp("finished")
   env = _env(tmp_path / "jax_cache")
   root = tmp_path / "run"
   args = [f for f in TINY if not f.startswith("--seeds")] + ["--seeds=1", "--epochs=1"]
   command = [sys.executable, "-m", "experiments.prompt_learning", *args, f"--run_dir={root}"]
   first = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
   assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-  metrics_before = (root / "coop_ce" / "seed1" / "metrics.jsonl").read_text()
+  return command, env, root, (root / "coop_ce" / "seed1" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("flag", ["", "--resume"])
+def test_rerun_refuses_or_resumes(finished_run, flag):
+  """A finished run: rerunning without --resume is refused (one line naming --resume and --overwrite, exit
+  2, metrics.jsonl untouched); with --resume every seed is read back."""
+  command, env, root, metrics_before = finished_run
+  assert (root / "coop_ce" / "seed1" / "metrics.jsonl").read_text() == metrics_before  # as it finished
   again = subprocess.run(command + ([flag] if flag else []), cwd=REPO_ROOT, env=env, capture_output=True,
                          text=True, timeout=1200)
   if flag:
