@@ -294,16 +294,18 @@ def _root(plan: list, name: str) -> pathlib.Path:
   return run_dir_lib.resolve_run_dir(FLAGS.run_dir, runlocal=FLAGS.runlocal, default=default, name=name)
 
 
-def _train_plan(plan: list, root: pathlib.Path, writer: ResultsWriter, mesh) -> dict:
+def _train_plan(plan: list, root: pathlib.Path, writer: ResultsWriter, mesh, *, done: int = 0,
+                total: int | None = None) -> dict:
   """Trains (or, with --resume, reads back) every run of `plan` into <root>/<variant>/seed<k>; adds the
-  results to `writer`."""
+  results to `writer`. The progress lines count runs overall: `done` before this plan, of `total`."""
   progress = show_progress(FLAGS.progress)
+  total = len(plan) if total is None else total
   all_results = {}
-  for index, (name, seed, cfg) in enumerate(plan, start=1):
+  for index, (name, seed, cfg) in enumerate(plan, start=done + 1):
     run_dir = variant_dir(root, name, seed)
     results = prompt_run.finished_results(cfg, run_dir) if FLAGS.resume else None
     status = "finished earlier: results read back" if results is not None else "training"
-    print(f"[run {index}/{len(plan)}] {name} seed {seed}: {status} ({run_dir})", flush=True)
+    print(f"[run {index}/{total}] {name} seed {seed}: {status} ({run_dir})", flush=True)
     if results is None:
       results = prompt_run.run(cfg, run_dir, resume=FLAGS.resume, progress=progress, mesh=mesh,
                                verify_images=FLAGS.verify_images, tensorboard=FLAGS.tensorboard)
@@ -335,14 +337,15 @@ def run_regimes(variants: list[tuple[str, str, dict]], datasets: list[str], *, t
   print(f"Will run {len(variants)} variant(s) ({', '.join(names)}) x {len(seeds)} seed(s) "
         f"({', '.join(map(str, seeds))}) x {len(datasets)} regime(s) ({regimes}) = {len(run_dirs)} training "
         f"runs, plus a zero-shot row per regime -> {root}", flush=True)
-  combined, all_results = {"title": title, "regimes": {}}, {}
+  combined, all_results, done = {"title": title, "regimes": {}}, {}, 0
   for dataset, plan in plans.items():
     regime_title = f"{title}, {dataset} ({descriptions.get(dataset, 'base-to-new')})"
     writer = ResultsWriter(root / dataset, title=regime_title, row_label="variant", average=False)
     reference = prompt_run.zero_shot(plan[0][2], progress=show_progress(FLAGS.progress))
     for split, metrics in reference.items():
       writer.add(ZERO_SHOT_ROW, 0, metrics, split=split)
-    all_results[dataset] = _train_plan(plan, root / dataset, writer, mesh)
+    all_results[dataset] = _train_plan(plan, root / dataset, writer, mesh, done=done, total=len(run_dirs))
+    done += len(plan)
     writer.write()
     sentence = regime_sentence(writer.summary(), baseline=names[0])
     print(accuracy_table(writer.summary(), regime_title, seeds))

@@ -361,6 +361,9 @@ def test_ove_pg_binary_runs_both_regimes(tiny_checkpoint, tmp_path, capsys, monk
   assert first.startswith("Will run 2 variant(s)"), first
   assert "x 1 seed(s)" in first and "x 2 regime(s)" in first, first
   root = tmp_path / first.split(" -> ")[1]
+  # The progress lines count the runs overall (2 variants x 2 regimes), not per regime.
+  assert [line.split("]")[0] for line in out.splitlines() if line.startswith("[run ")] == [
+      f"[run {i}/4" for i in range(1, 5)]
   assert out.count("| zero-shot |") == 2 and out.count("| coop+ce |") == 2
   combined = json.loads((root / "results.json").read_text())
   assert list(combined["regimes"]) == ["sandbox_shapes", "sandbox_catalogue"]
