@@ -14,6 +14,8 @@ Library: bayesprompt.bayesvlm.prompt_posterior.score_runs.
 
 from __future__ import annotations
 
+import pathlib
+
 from absl import flags
 
 from experiments import bayesvlm_flags, common
@@ -25,6 +27,10 @@ flags.DEFINE_list("posterior", ["none", "laplace", "bayesvlm"], "Posteriors to s
 flags.DEFINE_list("extra_eval_datasets", [], "More test sets under the run's protocol (e.g. the shifts).")
 flags.DEFINE_enum("laplace_kind", "auto", ["auto", "full", "diag"], "GGN of the prompt Laplace.")
 flags.DEFINE_integer("max_full_params", 4096, "--laplace_kind=auto: full GGN up to this many parameters.")
+flags.DEFINE_integer("laplace_rank", 8, "Learners whose text features are shared by all images (CoOp): the full "
+                     "GGN along each class's top-r image-feature directions (r vjps per class instead of D: 0.9 "
+                     "of a training epoch at r = 8 on the sandbox, against 3.2 exact; benchmarks/RESULTS.md). 0: "
+                     "the exact GGN.", lower_bound=0)
 flags.DEFINE_enum("laplace_predictive", "mc", ["probit", "mc"], "Linearised predictive of the prompt Laplace.")
 flags.DEFINE_integer("laplace_samples", 32, "jvp samples of the linearised predictive.")
 flags.DEFINE_bool("laplace_jacobian", False, "Deterministic learners: exact logit covariance from the Jacobian "
@@ -36,17 +42,27 @@ flags.DEFINE_string("scores_dir", None, "Where results and PNGs go (default runs
 def main(argv):
   del argv
   from bayesprompt.bayesvlm import prompt_posterior
+  from bayesprompt.errors import UserError
   from bayesprompt.train import run_dir as run_dir_lib
 
+  if not FLAGS.run_dirs:
+    raise UserError("--run_dirs is empty: name at least one trained run directory (written by "
+                    "experiments.prompt_learning or experiments.ove_pg)")
+  missing = [d for d in FLAGS.run_dirs if not (pathlib.Path(d) / "train_classes.json").is_file()]
+  if missing:
+    raise UserError(f"--run_dirs: {', '.join(missing)} is not a trained run directory (expected "
+                    "train_classes.json and checkpoints/ in it)")
   scores_dir = run_dir_lib.resolve_run_dir(FLAGS.scores_dir, runlocal=FLAGS.runlocal, name="calibrate_prompts",
                                            default=f"runs/calibrate_prompts/{run_dir_lib.timestamp()}")
   run_dir_lib.check_fresh(scores_dir, resume=False, overwrite=FLAGS.overwrite)
+  print(f"{len(FLAGS.run_dirs)} run(s) x posteriors {','.join(FLAGS.posterior)} -> {scores_dir}", flush=True)
   prompt_posterior.score_runs(
       FLAGS.run_dirs, scores_dir, FLAGS.posterior,
       bayesvlm_flags.zeroshot_config(), extra_eval_datasets=FLAGS.extra_eval_datasets,
       max_eval_examples=FLAGS.max_eval_examples, laplace_kind=FLAGS.laplace_kind,
       max_full_params=FLAGS.max_full_params, laplace_predictive=FLAGS.laplace_predictive,
       laplace_samples=FLAGS.laplace_samples, laplace_jacobian=FLAGS.laplace_jacobian,
+      laplace_rank=FLAGS.laplace_rank or None,
       batch_size=FLAGS.eval_batch_size)
 
 

@@ -161,3 +161,38 @@ def test_shared_text_fast_path_equals_the_generic_path_on_a_trained_coop(trained
   np.testing.assert_allclose(probs[True], probs[False], atol=1e-4)
   cocoop = dataclasses.replace(run, learner=make_learner("cocoop", run.clip_config, n_ctx=2))
   assert not cocoop.learner.shares_text_features
+
+
+def test_calibrate_prompts_binary_scores_a_trained_run(trained_coop, tmp_path, capsys, monkeypatch):
+  """`experiments.calibrate_prompts --runlocal` on a trained CoOp run, with the low-rank shared-text Laplace:
+  a table row per posterior, per-run JSON (λ, subspace rank) and reliability PNGs in the smoke directory, and
+  "none" equal to the run's own test metrics."""
+  from tests.test_prompt_run import run_binary
+
+  monkeypatch.chdir(tmp_path)
+  run_binary("experiments.calibrate_prompts", "--runlocal", f"--run_dirs={trained_coop}",
+             "--posterior=none,laplace", "--laplace_rank=1", "--laplace_samples=4", "--max_eval_examples=48",
+             "--scores_dir=runs/real", "--noprogress")
+  out = capsys.readouterr().out
+  assert "| coop+ce | none |" in out and "| coop+ce | laplace |" in out, out
+  root = tmp_path / out.splitlines()[0].split(" -> ")[1]
+  assert not (tmp_path / "runs" / "real").exists()
+  scored = json.loads((root / "coop_ce_seed3" / "posterior_results.json").read_text())
+  assert scored["laplace"]["subspace_rank"] == 1 and 0 < scored["laplace"]["subspace_captured"] <= 1
+  assert scored["laplace"]["prior_precision"] > 0
+  stored = json.loads((trained_coop / "results.json").read_text())["results"]
+  for split in ("base", "new"):
+    np.testing.assert_allclose(scored["results"][split]["none"]["accuracy"], stored[split]["accuracy"], atol=1e-6)
+    assert np.isfinite(scored["results"][split]["laplace"]["nll"])
+  assert list((root / "coop_ce_seed3").glob("reliability_*.png"))
+
+
+def test_calibrate_prompts_binary_names_bad_run_dirs(tmp_path, monkeypatch):
+  from bayesprompt.errors import UserError
+  from tests.test_prompt_run import run_binary
+
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError, match="--run_dirs is empty"):
+    run_binary("experiments.calibrate_prompts", "--runlocal", "--posterior=none")
+  with pytest.raises(UserError, match="/nonexistent/run is not a trained run directory"):
+    run_binary("experiments.calibrate_prompts", "--runlocal", "--run_dirs=/nonexistent/run", "--posterior=none")

@@ -237,3 +237,104 @@ def test_shared_text_bad_inputs_raise():
     pl.fit_shared_text(tiny_text, params, feats, labels[:3], jax.random.key(0), CONTEXT, classes, SCALE)
   with pytest.raises(ValueError, match="dimension"):
     pl.fit_shared_text(tiny_text, params, feats[:, :2], labels, jax.random.key(0), CONTEXT, classes, SCALE)
+
+
+def test_low_rank_shared_text_ggn_is_the_ggn_of_projected_features():
+  """rank r: the GGN of the Jacobian with f_n replaced by P_c f_n for class c, P_c the projector on the top-r
+  eigenvectors of F_c = Σ_n p_nc f_n f_nᵀ; at r = D the exact GGN. NumPy float64 on both counts."""
+  params, classes, feats, labels = shared_setup(num=40, num_classes=4)
+  key = jax.random.key(0)
+  theta, unravel = ravel_pytree(params)
+  text_jac = np.asarray(jax.jacfwd(lambda t: tiny_text(unravel(t), key, CONTEXT, classes))(theta), np.float64)
+  text = np.asarray(tiny_text(params, key, CONTEXT, classes), np.float64)
+  f = np.asarray(feats, np.float64)
+  logits = SCALE * f @ text.T + BIAS
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  eigvals, eigvecs = np.linalg.eigh(np.einsum("nc,nd,ne->cde", probs, f, f))
+  hessians = probs[:, :, None] * np.eye(probs.shape[1]) - probs[:, :, None] * probs[:, None, :]
+  exact = None
+  for rank in (FEATURE_DIM, 2, 1):
+    top = eigvecs[:, :, FEATURE_DIM - rank:]
+    projector = np.einsum("cdr,cer->cde", top, top)
+    jac = SCALE * np.einsum("nd,cde,cep->ncp", f, projector, text_jac)  # [N, C, P]
+    ggn = np.einsum("ncp,ncd,ndq->pq", jac, hessians, jac)
+    exact = ggn if rank == FEATURE_DIM else exact
+    basis, captured = pl.feature_subspace(jnp.asarray(text, jnp.float32), feats, SCALE, BIAS, rank=rank,
+                                          chunk_size=16)
+    chex.assert_shape(basis, (4, FEATURE_DIM, rank))
+    np.testing.assert_allclose(np.einsum("cdr,cer->cde", np.asarray(basis, np.float64),
+                                         np.asarray(basis, np.float64)), projector, atol=1e-4)
+    kept = eigvals[:, FEATURE_DIM - rank:].sum(-1) / eigvals.sum(-1)
+    np.testing.assert_allclose(np.asarray(captured), kept, rtol=1e-4)
+    _, projected_jac = pl.shared_text_jacobian(tiny_text, params, key, CONTEXT, classes, basis=basis)
+    got, _ = pl.ggn_shared_text(jnp.asarray(text, jnp.float32), projected_jac, feats, SCALE, BIAS,
+                                chunk_size=16, basis=basis)
+    np.testing.assert_allclose(np.asarray(got), ggn, rtol=1e-3, atol=1e-4 * np.max(np.abs(ggn)))
+    posterior, info = pl.fit_shared_text(tiny_text, params, feats, labels, key, CONTEXT, classes, SCALE, BIAS,
+                                         prior_precision=2.0, rank=None if rank == FEATURE_DIM else rank)
+    np.testing.assert_allclose(np.asarray(pl.covariance(posterior)),
+                               np.linalg.inv(ggn + 2.0 * np.eye(len(theta))), rtol=2e-3, atol=1e-5)
+    assert info["subspace_rank"] == rank
+    np.testing.assert_allclose(info["subspace_captured"], np.min(kept), rtol=1e-4)
+  # The brute force at r = D is the exact GGN of the logits.
+  generic = lambda t: shared_apply(unravel(t), feats, None, (CONTEXT["gain"], classes))  # noqa: E731
+  full_jac = np.asarray(jax.jacfwd(generic)(theta), np.float64)
+  np.testing.assert_allclose(exact, np.einsum("ncp,ncd,ndq->pq", full_jac, hessians, full_jac), rtol=1e-4,
+                             atol=1e-6 * np.max(np.abs(exact)))
+
+
+def test_low_rank_bad_inputs_raise():
+  params, classes, feats, labels = shared_setup()
+  text = tiny_text(params, None, CONTEXT, classes)
+  for rank in (0, FEATURE_DIM + 1):
+    with pytest.raises(ValueError, match="rank"):
+      pl.feature_subspace(text, feats, SCALE, BIAS, rank=rank)
+  for rank in (0, -2, True, 1.5):
+    with pytest.raises(ValueError, match="rank"):
+      pl.fit_shared_text(tiny_text, params, feats, labels, jax.random.key(0), CONTEXT, classes, SCALE,
+                         rank=rank)
+  with pytest.raises(ValueError, match="basis"):
+    pl.shared_text_jacobian(tiny_text, params, jax.random.key(0), CONTEXT, classes,
+                            basis=jnp.zeros((2, FEATURE_DIM, 1)))
+
+
+def test_shared_text_jacobian_rows_equal_single_class_gradients(tmp_path):
+  """The text Jacobian of a CoOp on a small CLIP (text width 64, embed 128, 32 classes), exact (rev and fwd)
+  and projected on r = 127 directions, row by row against jax.jacrev of one class's text feature alone.
+  Regression: with the cotangents vmap-ed inside the vmap over classes, rows ≥ 73 came out wrong (jax 0.10.2,
+  CPU), in the exact path too; one cotangent after the other is right."""
+  import dataclasses
+
+  import bayesprompt.clip as clip
+  from bayesprompt.bayesvlm import prompt_posterior as posterior_lib
+  from bayesprompt.data.sandbox import model as sandbox_model
+  from bayesprompt.prompts import make_learner
+  from tests.test_prompt_run import tiny_config
+
+  config = tiny_config(sandbox_model.TOKENIZER_FILE)
+  text = dataclasses.replace(config.text, width=64, layers=1)
+  config = dataclasses.replace(config, embed_dim=128, text=text)
+  clip.save_checkpoint(tmp_path / "clip", config, clip.init_params(config, jax.random.key(0)))
+  sandbox_model.tokenizer().to_json(tmp_path / "clip" / sandbox_model.TOKENIZER_FILE)
+  config, clip_params = clip.load_checkpoint(str(tmp_path / "clip"))
+  learner = make_learner("coop", config, n_ctx=2)
+  names = [f"class {i}" for i in range(32)]
+  state = learner.prepare_classes(clip_params, names, templates=["a photo of a {}."], train_classnames=names)
+  params = learner.init(jax.random.key(1), clip_params, state)
+  classes = posterior_lib._per_class(state)
+  text_fn = lambda p, key, cp, cs: learner.shared_text_features(p, cp, cs)  # noqa: E731
+  key = jax.random.key(0)
+  basis = jnp.linalg.qr(jax.random.normal(jax.random.key(2), (32, 128, 128)))[0][:, :, :127]
+  _, projected = pl.shared_text_jacobian(text_fn, params, key, clip_params, classes, basis=basis)
+  _, exact = pl.shared_text_jacobian(text_fn, params, key, clip_params, classes, mode="rev")
+  _, forward = pl.shared_text_jacobian(text_fn, params, key, clip_params, classes, mode="fwd")
+  theta, unravel = ravel_pytree(params)
+  for c in (0, 31):
+    single = jax.tree.map(lambda x: x[c:c + 1], classes)  # noqa: B023
+    feature = lambda t: text_fn(unravel(t), key, clip_params, single)[0]  # noqa: B023, E731
+    truth = np.asarray(jax.jacrev(feature)(theta), np.float64)  # [D, P]
+    np.testing.assert_allclose(np.asarray(exact[c]), truth, atol=1e-5 * np.max(np.abs(truth)))
+    np.testing.assert_allclose(np.asarray(forward[c]), truth, atol=1e-5 * np.max(np.abs(truth)))
+    np.testing.assert_allclose(np.asarray(projected[c]), np.asarray(basis[c], np.float64).T @ truth,
+                               atol=1e-5 * np.max(np.abs(truth)))

@@ -198,7 +198,9 @@ def _sampled_diagonal(apply_fn, params, inputs, key, context, *, num_label_sampl
     probs = jax.nn.softmax(logits.astype(jnp.float32))
     labels = jax.random.categorical(label_k, jnp.log(probs), shape=(num_label_samples,))
     residuals = probs[None] - jax.nn.one_hot(labels, probs.shape[0])  # [M, C], covariance Λ_i
-    grads = jax.vmap(lambda r: vjp(r.astype(logits.dtype))[0])(residuals)  # [M, P]
+    # One label draw after the other: cotangents vmap-ed inside the vmap over examples can come out wrong on
+    # jax 0.10.2 (see shared_text_jacobian).
+    grads = jax.lax.map(lambda r: vjp(r.astype(logits.dtype))[0], residuals)  # [M, P]
     return jnp.mean(jnp.square(grads), axis=0)
 
   return jnp.sum(jax.vmap(one)(inputs, example_keys, label_keys), axis=0)
@@ -507,6 +509,10 @@ def glm_predictive(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, inp
 # [C, D, D], its exact joint draws from text perturbations T′δ_s [S, C, D] shared by all images.
 
 TextFn = Callable[[Any, Array, Any, Any], Array]
+# `feature_subspace`: extra directions and power iterations of the randomised eigensolver (exact eigh when
+# rank + oversampling ≥ D/2).
+SUBSPACE_OVERSAMPLING = 8
+SUBSPACE_ITERATIONS = 3
 JACOBIAN_MODES = ("auto", "rev", "fwd")
 
 
@@ -522,8 +528,12 @@ def _num_classes(class_context: Any) -> int:
 
 @functools.partial(jax.jit, static_argnames=("text_fn", "mode", "class_chunk"))
 def shared_text_jacobian(text_fn: TextFn, params: Any, key: Array, context: Any, class_context: Any, *,
-                         mode: str = "auto", class_chunk: int | None = None) -> tuple[Array, Array]:
+                         mode: str = "auto", class_chunk: int | None = None,
+                         basis: Array | None = None) -> tuple[Array, Array]:
   """Class text features t [C, D] (float32) and their Jacobian T′ = ∂t/∂θ [C, D, P] w.r.t. the flat params.
+
+  With `basis` U [C, D, r] (orthonormal columns per class, e.g. from `feature_subspace`) it returns the
+  projected Jacobian U_cᵀT′_c [C, r, P] instead, from r vjps per class (mode is then "rev").
 
   Args:
     text_fn: (params, key, context, class_context) -> [C', D], row c a function of params and of class c's
@@ -538,18 +548,73 @@ def shared_text_jacobian(text_fn: TextFn, params: Any, key: Array, context: Any,
   theta, unravel = ravel_pytree(params)
   num_classes = _num_classes(class_context)
   one_class = jax.tree.map(lambda x: x[:, None], class_context)  # [C, 1, ...]: each call sees one class
+  if basis is not None and (basis.ndim != 3 or basis.shape[0] != num_classes):
+    raise ValueError(f"basis has shape {basis.shape}; expected [C={num_classes}, D, rank]")
 
-  def row(single):
+  def row(inputs):
+    single, class_basis = inputs
     fn = lambda t: text_fn(unravel(t), key, context, single)[0].astype(jnp.float32)  # noqa: E731
     dim = jax.eval_shape(fn, theta).shape[0]
+    # The cotangents (tangents) go one after the other (lax.map), each pullback still batched over the classes:
+    # vmap-ing them inside the vmap over classes gives wrong rows on jax 0.10.2 (CPU) for some tower sizes,
+    # e.g. rows ≥ 73 of 128 for a 1-layer width-64 text tower (tests/test_prompt_laplace.py::
+    # test_shared_text_jacobian_rows_equal_single_class_gradients); sequential is right, and no slower here.
+    if class_basis is not None:  # r cotangents: this class's basis vectors
+      out, pullback = jax.vjp(fn, theta)
+      return out, jax.lax.map(lambda e: pullback(e)[0], class_basis.T.astype(jnp.float32))
     if mode == "rev" or (mode == "auto" and dim <= theta.shape[0]):
       out, pullback = jax.vjp(fn, theta)
-      return out, jax.vmap(lambda e: pullback(e)[0])(jnp.eye(dim, dtype=jnp.float32))
+      return out, jax.lax.map(lambda e: pullback(e)[0], jnp.eye(dim, dtype=jnp.float32))
     out, push = jax.linearize(fn, theta)
-    return out, jax.vmap(push, out_axes=-1)(jnp.eye(theta.shape[0], dtype=theta.dtype))
+    return out, jax.lax.map(push, jnp.eye(theta.shape[0], dtype=theta.dtype)).T
 
-  text, jac = jax.lax.map(row, one_class, batch_size=min(class_chunk or num_classes, num_classes))
+  text, jac = jax.lax.map(row, (one_class, basis), batch_size=min(class_chunk or num_classes, num_classes))
   return text, jac
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "chunk_size"))
+def feature_subspace(text: Array, features: Array, scale: Array | float, bias: Array | float = 0.0, *,
+                     rank: int, chunk_size: int = 1024) -> tuple[Array, Array]:
+  """Per-class subspaces of the image features that the GGN weighs most: the top-`rank` eigenvectors of
+  F_c = Σ_n p_nc f_n f_nᵀ (the matrix the exact GGN contracts T′_c with; p at the posterior mean).
+
+  Args:
+    text: [C, D] class text features; features: [N, D] image features; scale, bias: the logits' affine map.
+    rank: r ≤ D, eigenvectors kept per class.
+  Returns:
+    (basis U [C, D, r] with orthonormal columns, captured [C]: the share of trace(F_c) the r directions keep,
+    1 when r = D).
+  """
+  dim = features.shape[1]
+  if not 0 < rank <= dim:
+    raise ValueError(f"rank={rank}; expected 1 <= rank <= D={dim}")
+  num = features.shape[0]
+  step = min(chunk_size, num)
+  pad = (-num) % step
+  feats = jnp.concatenate([features.astype(jnp.float32), jnp.zeros((pad, dim), jnp.float32)])
+  valid = (jnp.arange(num + pad) < num).astype(jnp.float32)
+
+  def body(weighted_outer, xs):
+    f, mask = xs
+    probs = jax.nn.softmax(_shared_logits(text, f, scale, bias), axis=-1) * mask[:, None]
+    return weighted_outer + jnp.einsum("nc,nd,ne->cde", probs, f, f), None
+
+  weighted_outer, _ = jax.lax.scan(body, jnp.zeros((text.shape[0], dim, dim), jnp.float32),
+                                   (feats.reshape(-1, step, dim), valid.reshape(-1, step)))
+  trace = jnp.maximum(jnp.trace(weighted_outer, axis1=1, axis2=2), jnp.finfo(jnp.float32).tiny)
+  width = rank + SUBSPACE_OVERSAMPLING
+  if width >= dim // 2:  # a full eigendecomposition is as cheap
+    eigvals, eigvecs = jnp.linalg.eigh(weighted_outer)  # ascending
+    return eigvecs[:, :, dim - rank:], jnp.sum(eigvals[:, dim - rank:], axis=-1) / trace
+  # Randomised subspace iteration (Halko et al. 2011, alg. 4.4) then Rayleigh-Ritz: `width` directions, a few
+  # matrix products and QRs per class instead of a D x D eigendecomposition (0.07 of the 0.3 CPU-s of a rank-8
+  # fit on the sandbox CoOp went to the 32 eigendecompositions of 128 x 128).
+  start = jax.random.normal(jax.random.key(0), (dim, width), jnp.float32)
+  basis = jnp.linalg.qr(weighted_outer @ start)[0]
+  for _ in range(SUBSPACE_ITERATIONS):
+    basis = jnp.linalg.qr(weighted_outer @ basis)[0]
+  ritz_values, ritz_vectors = jnp.linalg.eigh(jnp.einsum("cdk,cde,cel->ckl", basis, weighted_outer, basis))
+  return basis @ ritz_vectors[:, :, width - rank:], jnp.sum(ritz_values[:, width - rank:], axis=-1) / trace
 
 
 def _shared_logits(text: Array, features: Array, scale: Array, bias: Array | float) -> Array:
@@ -558,12 +623,16 @@ def _shared_logits(text: Array, features: Array, scale: Array, bias: Array | flo
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def ggn_shared_text(text: Array, text_jac: Array, features: Array, scale: Array | float,
-                    bias: Array | float = 0.0, *, chunk_size: int = 1024) -> tuple[Array, Array]:
+                    bias: Array | float = 0.0, *, chunk_size: int = 1024,
+                    basis: Array | None = None) -> tuple[Array, Array]:
   """G [P, P] of the summed cross-entropy of logits s·f_n·tᵀ + b, and those logits [N, C].
 
   Args:
     text: [C, D], text_jac: [C, D, P] from `shared_text_jacobian`; features: [N, D] image features;
     scale: s (e.g. exp(logit_scale)); bias: b; chunk_size: images per accumulation step.
+    basis: U [C, D, r] with text_jac the projected U_cᵀT′_c [C, r, P] (`shared_text_jacobian(basis=U)`): the
+      GGN of the Jacobian with each image feature replaced by its projection U_cU_cᵀf_n for class c (exact when
+      r = D; PSD for every r). The logits stay exact.
   """
   num = features.shape[0]
   pad = (-num) % min(chunk_size, num)
@@ -577,11 +646,19 @@ def ggn_shared_text(text: Array, text_jac: Array, features: Array, scale: Array 
     f, mask = xs
     logits = _shared_logits(text, f, scale, bias)
     probs = jax.nn.softmax(logits, axis=-1) * mask[:, None]  # padded rows contribute nothing
-    weighted_outer = weighted_outer + jnp.einsum("nc,nd,ne->cde", probs, f, f)
-    v = (probs[:, :, None] * f[:, None, :]).reshape(f.shape[0], -1) @ flat_jac  # [n, P] = Σ_c p_nc T′_cᵀ f_n
+    if basis is None:
+      weighted_outer = weighted_outer + jnp.einsum("nc,nd,ne->cde", probs, f, f)
+      v = (probs[:, :, None] * f[:, None, :]).reshape(f.shape[0], -1) @ flat_jac  # [n, P] = Σ_c p_nc T′_cᵀ f_n
+    else:  # per-class coordinates U_cᵀ f_n [n, C, r]
+      projected = jnp.einsum("nd,cdr->ncr", f, basis.astype(jnp.float32))
+      weighted_outer = weighted_outer + jnp.einsum("nc,ncr,ncs->crs", probs, projected, projected)
+      v = (probs[:, :, None] * projected).reshape(f.shape[0], -1) @ flat_jac
     return (weighted_outer, vtv + v.T @ v), logits
 
   num_classes, dim, params = text_jac.shape
+  if basis is not None and basis.shape != (num_classes, features.shape[1], dim):
+    raise ValueError(f"basis has shape {basis.shape}; expected [C, D, r] = "
+                     f"{(num_classes, features.shape[1], dim)} for text_jac {text_jac.shape}")
   init = (jnp.zeros((num_classes, dim, dim), jnp.float32), jnp.zeros((params, params), jnp.float32))
   (weighted_outer, vtv), logits = jax.lax.scan(body, init, (feats.reshape(-1, step, feats.shape[1]),
                                                            valid.reshape(-1, step)))
@@ -593,21 +670,49 @@ def ggn_shared_text(text: Array, text_jac: Array, features: Array, scale: Array 
 def fit_shared_text(text_fn: TextFn, params: Any, features: Array, labels: Array, key: Array, context: Any,
                     class_context: Any, scale: Array | float, bias: Array | float = 0.0, *,
                     prior_precision: float | str = "fit", prior_mean: Any = None, mode: str = "auto",
-                    class_chunk: int | None = None,
-                    chunk_size: int = 1024) -> tuple[PromptLaplace, dict[str, Any]]:
+                    class_chunk: int | None = None, chunk_size: int = 1024,
+                    rank: int | None = None) -> tuple[PromptLaplace, dict[str, Any]]:
   """`fit(kind="full")` for logits s·f_n·t(θ)ᵀ + b (image features [N, D], labels [N]): the same posterior,
-  with the text Jacobian computed once for all images (see the section comment). Returns (posterior, info)."""
+  with the text Jacobian computed once for all images (see the section comment). Returns (posterior, info).
+
+  rank: None (or ≥ D): the exact GGN (D vjps per class). r < D: the low-rank GGN, r vjps per class: each
+    class's Jacobian is taken only along the r directions of the image features that its GGN block weighs
+    most (`feature_subspace`), so the fit costs about r/D of the exact one; info["subspace_captured"] is the
+    smallest share of a class's weighted feature energy those directions keep (1 = exact).
+  """
   _check_prior_precision(prior_precision)
   labels = _check_labels(labels, features)
   if features.ndim != 2:
     raise ValueError(f"features have shape {features.shape}; expected image features [N, D]")
+  dim = features.shape[1]
+  if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
+    raise ValueError(f"rank={rank!r}; expected None (exact) or a positive integer")
+  basis, captured = None, None
+  if rank is not None and rank < dim:
+    text = _text_at(text_fn, params, key, context, class_context)
+    _check_text_dim(text, features)
+    basis, captured = feature_subspace(text, features, scale, bias, rank=int(rank), chunk_size=chunk_size)
+  # Separate programs: one jit over the whole pipeline measured 0.27 CPU-s against 0.17 for the parts (rank 8,
+  # sandbox CoOp).
   text, text_jac = shared_text_jacobian(text_fn, params, key, context, class_context, mode=mode,
-                                        class_chunk=class_chunk)
+                                        class_chunk=class_chunk, basis=basis)
+  _check_text_dim(text, features)
+  ggn, logits = ggn_shared_text(text, text_jac, features, scale, bias, chunk_size=chunk_size, basis=basis)
+  posterior, info = _posterior_and_info(params, ggn, logits, labels, "full", prior_precision, prior_mean)
+  info["subspace_rank"] = dim if basis is None else int(rank)
+  info["subspace_captured"] = 1.0 if captured is None else float(jnp.min(captured))
+  return posterior, info
+
+
+@functools.partial(jax.jit, static_argnames=("text_fn",))
+def _text_at(text_fn: TextFn, params: Any, key: Array, context: Any, class_context: Any) -> Array:
+  return text_fn(params, key, context, class_context).astype(jnp.float32)
+
+
+def _check_text_dim(text: Array, features: Array) -> None:
   if text.shape[1] != features.shape[1]:
     raise ValueError(f"text features have dimension {text.shape[1]} but the image features "
                      f"{features.shape[1]}")
-  ggn, logits = ggn_shared_text(text, text_jac, features, scale, bias, chunk_size=chunk_size)
-  return _posterior_and_info(params, ggn, logits, labels, "full", prior_precision, prior_mean)
 
 
 def _posterior_root(posterior: PromptLaplace) -> Array:

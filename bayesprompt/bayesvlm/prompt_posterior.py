@@ -179,6 +179,9 @@ class PosteriorScorer:
   # Jacobian, once per class list (`prompt_laplace.fit_shared_text`); False: the generic per-batch path.
   shared_text_path: bool = True
   class_chunk: int | None = 64  # classes per vmap-ed batch of the text Jacobian (memory: D cotangents each)
+  # Shared-text fit: None = the exact GGN (D vjps per class); r = the low-rank GGN along each class's top-r
+  # image-feature directions (`prompt_laplace.feature_subspace`), about r/D of the exact fit's Jacobian cost.
+  laplace_rank: int | None = None
 
   def __post_init__(self):
     self.posteriors = check_posteriors(self.posteriors)
@@ -255,7 +258,7 @@ class PosteriorScorer:
       posterior, info = prompt_laplace.fit_shared_text(
           self._text_fn, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
           self.run.clip_params, _per_class(class_state), *self._logit_scale_bias(),
-          class_chunk=self.class_chunk)
+          class_chunk=self.class_chunk, rank=self.laplace_rank)
     else:
       posterior, info = prompt_laplace.fit(
           self.apply, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
