@@ -170,9 +170,10 @@ def main():
   params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
   print(f"# {args.method}: {params} params, Laplace kind {scorer.kind()}, {args.samples} jvp samples, "
         f"{args.runs} runs, load average per round {[round(x, 1) for x in loads]}")
-  print("| candidate | wall median (s) | CPU median (s) |\n|---|---|---|")
+  print("| candidate | wall median (s) | CPU median (s) | CPU min-max (s) |\n|---|---|---|---|")
   for name, (wall, cpu) in med.items():
-    print(f"| {name} | {wall:.3f} | {cpu:.3f} |")
+    cpus = [c for _, c in times[name]]
+    print(f"| {name} | {wall:.3f} | {cpu:.3f} | {min(cpus):.3f}-{max(cpus):.3f} |")
   if ranks:
     report_rank_error(scorer, eval_state, state.params, test_images, fit_shared, ranks)
   for name in candidates:

@@ -4,8 +4,8 @@
 Each attempt is a real `python -m experiments.prompt_learning` subprocess. Kill points are spread over the
 run by its progress on disk (completed orbax steps and finished seeds) plus a random delay, so they land
 in start-up, training, checkpoint writes, evaluation and between seeds. Cheap: a 1-shot, 2-epoch CoOp with
-2 context tokens, 32 evaluation images, no TensorBoard, and one JAX persistent compilation cache shared by
-every attempt (compiled steps are reused across processes).
+2 context tokens, 32 evaluation images, no TensorBoard; the uninterrupted runs use the suite's persistent
+compilation cache, and the killed attempts a private snapshot of it (`_snapshot_for_kills`).
 """
 
 import json
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from bayesprompt.train import run_dir as run_dir_lib
-from tests.conftest import REPO_ROOT
+from tests.conftest import JAX_CACHE_DIR, REPO_ROOT
 
 SEEDS = (1, 2, 3)
 EPOCHS = 2
@@ -33,12 +33,37 @@ TINY = ["--method=coop", "--protocol=base2new", "--dataset=sandbox_shapes", "--c
 NUM_EVENTS = len(SEEDS) * (EPOCHS + 1)
 
 
-def _env(cache_dir: pathlib.Path) -> dict:
+def _env(cache_dir: pathlib.Path | str) -> dict:
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=str(REPO_ROOT))
   return env
+
+
+def _cache_for_runs(tmp_path: pathlib.Path) -> pathlib.Path | str:
+  """The suite's persistent compilation cache (conftest.JAX_CACHE_DIR) for runs that are never killed: they
+  finish every write, so their executables can be kept between sessions. A private directory when the suite
+  runs without the cache."""
+  return JAX_CACHE_DIR or tmp_path / "jax_cache"
+
+
+def _snapshot_for_kills(cache: pathlib.Path | str, tmp_path: pathlib.Path) -> pathlib.Path:
+  """A private copy (hard links) of the cache for the attempts that get SIGKILLed: JAX writes a cache entry in
+  place (not through a rename), so a kill mid-write leaves a truncated file, which must never reach the
+  shared cache. Entries are never rewritten (JAX skips existing keys), so links cannot change the originals;
+  after the uninterrupted reference run every program of the attempts is already in it."""
+  snapshot = tmp_path / "jax_cache_for_kills"
+  snapshot.mkdir()
+  cache = pathlib.Path(cache)
+  if cache.is_dir():
+    for entry in cache.iterdir():
+      if entry.is_file():
+        try:
+          os.link(entry, snapshot / entry.name)
+        except OSError:  # another file system: copy
+          snapshot.joinpath(entry.name).write_bytes(entry.read_bytes())
+  return snapshot
 
 
 def _start(run_dir: pathlib.Path, log: pathlib.Path, env: dict, resume: bool) -> subprocess.Popen:
@@ -82,10 +107,11 @@ def _check_finished(process: subprocess.Popen, log: pathlib.Path, timeout: float
 
 
 def test_kill_and_resume_ten_times_is_bit_identical(tmp_path):
-  env = _env(tmp_path / "jax_cache")
+  cache = _cache_for_runs(tmp_path)
   reference, killed = tmp_path / "reference", tmp_path / "killed"
-  _check_finished(_start(reference, tmp_path / "reference.log", env, resume=False), tmp_path / "reference.log",
-                  timeout=1200)
+  _check_finished(_start(reference, tmp_path / "reference.log", _env(cache), resume=False),
+                  tmp_path / "reference.log", timeout=1200)
+  env = _env(_snapshot_for_kills(cache, tmp_path))
   expected = json.loads((reference / "results.json").read_text())
 
   rng = np.random.default_rng(16)
@@ -133,7 +159,7 @@ def finished_run(tmp_path_factory):
   """A finished 1-seed run, made once for both rerun tests (with the JAX cache they share): (command, env,
   run root, its metrics.jsonl). Neither rerun may change the run; each test checks that."""
   tmp_path = tmp_path_factory.mktemp("finished")
-  env = _env(tmp_path / "jax_cache")
+  env = _env(_cache_for_runs(tmp_path))  # never killed
   root = tmp_path / "run"
   args = [f for f in TINY if not f.startswith("--seeds")] + ["--seeds=1", "--epochs=1"]
   command = [sys.executable, "-m", "experiments.prompt_learning", *args, f"--run_dir={root}"]

@@ -26,6 +26,28 @@ def _binary(name: str, *args: str, cwd: pathlib.Path = REPO_ROOT, timeout: float
                         capture_output=True, text=True, timeout=timeout)
 
 
+def _binary_in_process(name: str, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
+  """`python -m experiments.<name> *args` without an interpreter start-up (about 4 CPU-s each): the module's
+  main through `common.run_binary`, as its `__main__` block calls it (tests/test_architecture.py checks every
+  binary's block), with its flags removed afterwards. Returns (exit status, stdout, stderr)."""
+  from absl import app, flags
+
+  from experiments import common
+  from tests.conftest import binary_module
+
+  app.define_help_flags()  # once per process (absl): before binary_module, which removes the flags it sees appear
+  with binary_module(f"experiments.{name}") as module:
+    monkeypatch.setattr(sys, "argv", [f"experiments/{name}.py", *args])
+    try:
+      with pytest.raises(SystemExit) as exit_info:
+        common.run_binary(module.main)
+    finally:
+      flags.FLAGS.unparse_flags()
+  captured = capsys.readouterr()
+  code = exit_info.value.code
+  return 0 if code is None else int(code), captured.out, captured.err
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Run directories (items 1-3)
 
@@ -77,12 +99,14 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
-def test_zeroshot_runlocal_never_touches_run_dir_nor_another_smoke_run(tmp_path):
+def test_zeroshot_runlocal_never_touches_run_dir_nor_another_smoke_run(tmp_path, monkeypatch, capsys):
   """Item 1 end to end: two smoke runs with the flagfile's --run_dir write two fresh directories."""
+  monkeypatch.chdir(tmp_path)
   for _ in range(2):
-    out = _binary("zeroshot", "--checkpoint=sandbox", "--dataset=sandbox_shapes", "--runlocal", "--noprogress",
-                  "--run_dir=runs/real", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    code, _, err = _binary_in_process("zeroshot", "--checkpoint=sandbox", "--dataset=sandbox_shapes", "--runlocal",
+                                      "--noprogress", "--run_dir=runs/real", monkeypatch=monkeypatch,
+                                      capsys=capsys)
+    assert code == 0, err[-3000:]
   assert not (tmp_path / "runs" / "real").exists()
   smoke = sorted((tmp_path / run_dir_lib.SMOKE_ROOT / "zeroshot").iterdir())
   assert len(smoke) == 2 and all((d / "results.md").exists() for d in smoke)
@@ -126,12 +150,22 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
   ("pretrain_sandbox", ["--resume", "--overwrite"], "contradict"),
   ("ove_pg", ["--protocol=nope"], "--protocol"),  # absl flag parsing
 ])
-def test_binaries_report_user_errors_in_one_line(tmp_path, name, args, expected):
-  out = _binary(name, *args, cwd=tmp_path)
+def test_binaries_report_user_errors_in_one_line(tmp_path, monkeypatch, capsys, name, args, expected):
+  monkeypatch.chdir(tmp_path)
+  code, out, err = _binary_in_process(name, *args, monkeypatch=monkeypatch, capsys=capsys)
+  assert code == 2, out[-2000:] + err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  errors = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and expected in errors[0], err[-3000:]
+
+
+def test_a_user_error_from_the_real_entry_point(tmp_path):
+  """One real `python -m` process: the `__main__` block, the exit status and stderr as a shell sees them."""
+  out = _binary("ove_pg", "--protocol=nope", cwd=tmp_path)
   assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
   errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1 and expected in errors[0], out.stderr[-3000:]
+  assert len(errors) == 1 and "--protocol" in errors[0], out.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -139,27 +173,27 @@ def test_binaries_report_user_errors_in_one_line(tmp_path, name, args, expected)
 
 
 @pytest.mark.parametrize("name", BINARIES)
-def test_helpshort_lists_the_binarys_own_flags(name):
-  out = _binary(name, "--helpshort")
-  listed = set(re.findall(r"^\s+--(?:\[no\])?(\w+)", out.stdout, flags=re.M))
-  assert "runlocal" in listed, out.stdout
+def test_helpshort_lists_the_binarys_own_flags(name, monkeypatch, capsys):
+  _, stdout, _ = _binary_in_process(name, "--helpshort", monkeypatch=monkeypatch, capsys=capsys)
+  listed = set(re.findall(r"^\s+--(?:\[no\])?(\w+)", stdout, flags=re.M))
+  assert "runlocal" in listed, stdout
   if name in WITH_RESUME:
-    assert "resume" in listed and "overwrite" in listed, out.stdout
+    assert "resume" in listed and "overwrite" in listed, stdout
   own = {"ove_pg": {"methods", "seeds", "run_dir", "epochs"}, "prompt_learning": {"eval_only", "method", "run_dir"},
          "zeroshot": {"checkpoint", "template"}, "pretrain_sandbox": {"workdir", "num_steps"},
          "estimate_hessian": {"checkpoint", "output_dir"}, "bayesvlm": {"factors_dir", "checkpoint", "run_dir"},
          "active_learning": {"acquisitions", "factors_dir", "checkpoint"}}[name]
-  assert own <= listed, (own - listed, out.stdout)
+  assert own <= listed, (own - listed, stdout)
 
 
-def test_run_dir_and_eval_only_help_state_what_they_need():
+def test_run_dir_and_eval_only_help_state_what_they_need(monkeypatch, capsys):
   from experiments import common
 
   with pytest.raises(UserError, match=r"<run_dir>/<variant>/seed<N>"):
     common.evaluate_run_dir(None, dataset="sandbox_shapes", protocol="few_shot", data_dir=None,
                             max_eval_examples=None)
-  out = _binary("prompt_learning", "--helpshort")
-  assert "seed<N>" in out.stdout and "digest of the" in out.stdout, out.stdout
+  _, stdout, _ = _binary_in_process("prompt_learning", "--helpshort", monkeypatch=monkeypatch, capsys=capsys)
+  assert "seed<N>" in stdout and "digest of the" in stdout, stdout
 
 
 # ------------------------------------------------------------------------------------------------------------
