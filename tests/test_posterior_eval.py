@@ -174,7 +174,8 @@ def test_calibrate_prompts_binary_scores_a_trained_run(trained_coop, tmp_path, c
              "--posterior=none,laplace", "--laplace_rank=1", "--laplace_samples=4", "--max_eval_examples=48",
              "--scores_dir=runs/real", "--noprogress")
   out = capsys.readouterr().out
-  assert "| coop+ce | none |" in out and "| coop+ce | laplace |" in out, out
+  assert "| learner / posterior |" in out and "| coop+ce / none |" in out and "| coop+ce / laplace |" in out, out
+  assert "| average |" not in out, out
   root = tmp_path / out.splitlines()[0].split(" -> ")[1]
   assert not (tmp_path / "runs" / "real").exists()
   scored = json.loads((root / "coop_ce_seed3" / "posterior_results.json").read_text())

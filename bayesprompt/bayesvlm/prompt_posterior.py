@@ -390,7 +390,7 @@ def score_runs(run_dirs: Sequence[str], scores_dir: str | pathlib.Path, posterio
                max_eval_examples: int | None = None, **scorer_kwargs: Any) -> dict[str, str]:
   """`experiments.calibrate_prompts`: scores every run directory with each posterior, writes per run
   posterior_results.json and reliability PNGs under scores_dir/<method>_<objective>_seed<k>/, and
-  results.{md,csv,json} over the runs (rows "<method>+<objective> | <posterior>"). Returns the table paths.
+  results.{md,csv,json} over the runs (rows "<method>+<objective> / <posterior>"). Returns the table paths.
 
   `bayesvlm_config`: the BayesVLM settings (`experiments.bayesvlm_flags.zeroshot_config()`: factors_dir,
   pseudo_data_count, prior_precision, evidence_mode, predictive), needed with the "bayesvlm" posterior."""
@@ -403,7 +403,9 @@ def score_runs(run_dirs: Sequence[str], scores_dir: str | pathlib.Path, posterio
   if not run_dirs:
     raise ValueError("no run directories given: name at least one trained run directory")
   scores_dir = pathlib.Path(scores_dir)
-  writer = ResultsWriter(scores_dir, title="Post-hoc posteriors for prompt learners")
+  # Rows are (learner, posterior) pairs on one dataset: no average row over them.
+  writer = ResultsWriter(scores_dir, title="Post-hoc posteriors for prompt learners",
+                         row_label="learner / posterior", average=False)
   for run_dir in run_dirs:
     run = prompt_run.load_trained(run_dir)
     name = f"{run.cfg.method}+{run.cfg.objective}"
@@ -428,7 +430,7 @@ def score_runs(run_dirs: Sequence[str], scores_dir: str | pathlib.Path, posterio
     print(f"{name} seed {run.cfg.seed}: laplace {info}  timings {scorer.timings}")
     for split, per_posterior in results.items():
       for post, metrics in per_posterior.items():
-        writer.add(f"{name} | {post}", run.cfg.seed, {k: v for k, v in metrics.items() if k != "num_examples"},
+        writer.add(f"{name} / {post}", run.cfg.seed, {k: v for k, v in metrics.items() if k != "num_examples"},
                    split=split)
   paths = writer.write()
   print(writer.markdown())
