@@ -90,3 +90,36 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
+
+
+# BAYESPROMPT_COMPILE_REPORT=<file>: every test's XLA compile seconds in this process (fixture set-up included,
+# subprocesses not), appended as JSON lines "nodeid, seconds, programs" per worker: where a cold suite's time
+# goes (`sort -t, -k2 -rn`). Run it with an empty BAYESPROMPT_JAX_CACHE to see the cold cost.
+COMPILE_REPORT = os.environ.get("BAYESPROMPT_COMPILE_REPORT")
+_compile_seconds: dict[str, list[float]] = {}
+_current_test: list[str] = []
+
+if COMPILE_REPORT:
+  def _on_duration(event: str, duration: float, **_: object) -> None:
+    if event == "/jax/core/compile/backend_compile_duration" and _current_test:
+      entry = _compile_seconds.setdefault(_current_test[-1], [0.0, 0])
+      entry[0] += duration
+      entry[1] += 1
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    _current_test.append(item.nodeid)
+    yield
+    _current_test.pop()
+
+  def pytest_configure(config):
+    import jax.monitoring
+
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+  def pytest_sessionfinish(session, exitstatus):
+    import json
+
+    with open(COMPILE_REPORT, "a") as report:
+      for nodeid, (seconds, programs) in _compile_seconds.items():
+        report.write(json.dumps([nodeid, round(seconds, 3), programs]) + "\n")
