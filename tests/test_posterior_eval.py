@@ -20,7 +20,7 @@ from bayesprompt.bayes import laplace
 from bayesprompt.bayesvlm import features as features_lib
 from bayesprompt.bayesvlm import prompt_posterior as posterior_lib
 from bayesprompt.bayesvlm import vlm
-from bayesprompt.prompts import make_learner
+from bayesprompt.prompts import make_learner, methods
 from bayesprompt.train import prompt_run
 from tests.test_prompt_run import tiny_checkpoint, tiny_config  # noqa: F401 (module fixture)
 
@@ -197,3 +197,31 @@ def test_calibrate_prompts_binary_names_bad_run_dirs(tmp_path, monkeypatch):
     run_binary("experiments.calibrate_prompts", "--runlocal", "--posterior=none")
   with pytest.raises(UserError, match="/nonexistent/run is not a trained run directory"):
     run_binary("experiments.calibrate_prompts", "--runlocal", "--run_dirs=/nonexistent/run", "--posterior=none")
+
+
+@pytest.mark.parametrize("method", [m for m in methods() if m not in ("coop", "vamp")])  # both tested above
+def test_every_learner_is_scored_with_the_laplace(trained_coop, method):
+  """The scorer on each registered learner (tiny CLIP, initial params): the Laplace the scorer picks fits with
+  a finite evidence and its predictive gives probabilities. Learners whose image side is frozen read cached
+  features, the others images ("none" is each learner's own predict step, tested with the learners)."""
+  base = prompt_run.load_trained(trained_coop)
+  kwargs = {"num_test_samples": 2} if "num_test_samples" in make_learner(method, base.clip_config).__dict__ else {}
+  learner = make_learner(method, base.clip_config, **kwargs)
+  data = prompt_run.protocol_data(base.cfg)
+  train = data.train.select(np.arange(8))
+  prototypes = None
+  if learner.needs_class_prototypes:
+    prototypes = prompt_run.class_prototypes(base.clip_params, base.clip_config, data.train, 64)
+  class_state = learner.prepare_classes(base.clip_params, train.classnames, templates=[train.template],
+                                        class_prototypes=prototypes, train_classnames=train.classnames)
+  params = learner.init(jax.random.key(0), base.clip_params, class_state)
+  run = dataclasses.replace(base, learner=learner, params=params)
+  scorer = posterior_lib.PosteriorScorer(run, posteriors=("laplace",), laplace_samples=2, batch_size=8,
+                                         max_full_params=1024)
+  info = scorer.fit_laplace(train)
+  assert np.isfinite(info["log_marginal_likelihood"]) and info["prior_precision"] > 0, info
+  split = data.evals["new"]
+  images, _ = posterior_lib.load_split(split, run.clip_config.vision.image_size)
+  for name, probs in scorer.probabilities(split, images[:2]).items():
+    assert np.all(np.isfinite(probs)), name
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5, err_msg=name)
