@@ -12,6 +12,10 @@ from absl.testing import parameterized
 
 from bayesprompt.bayes import acquisition
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 def _random_probs(rng, shape, temperature=1.0):
   logits = rng.normal(size=shape) * temperature

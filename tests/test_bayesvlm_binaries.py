@@ -33,6 +33,10 @@ from bayesprompt.data.sandbox import model as sandbox_model
 from tests.conftest import binary_module
 from tests.test_laplace import official_kfac_ggn
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 # Imported per test module (see conftest.binary_module): binaries' absl flags clash in one process.
 bayesvlm_flags = None
 

@@ -12,6 +12,10 @@ from safetensors.numpy import load_file, save_file
 
 import bayesprompt.clip as clip
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 def test_bare_open_clip_safetensors_infers_architecture(fixtures_dir):
   """A bare file: architecture from shapes (heads = width // 64), activation from the quick_gelu argument."""

@@ -10,6 +10,10 @@ import bayesprompt.clip as clip
 from bayesprompt.clip import edits
 from bayesprompt.clip.layers import ResidualBlock
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 CONFIG = clip.CLIPConfig(
     vision=clip.VisionConfig(image_size=16, patch_size=8, width=32, layers=4, heads=2, mlp_dim=64),
     text=clip.TextConfig(vocab_size=50, context_length=12, width=32, layers=4, heads=2, mlp_dim=64),

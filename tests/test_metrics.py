@@ -11,6 +11,10 @@ import pytest
 
 from bayesprompt.eval import metrics, results
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 # Four examples, confidences in four different 20-bins, away from bin edges (worked by hand below).
 PROBS = np.array([[0.72, 0.18, 0.10], [0.09, 0.61, 0.30], [0.24, 0.24, 0.52], [0.43, 0.41, 0.16]], np.float32)
 LABELS = np.array([0, 2, 2, 1], np.int32)

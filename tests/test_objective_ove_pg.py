@@ -8,6 +8,10 @@ import pytest
 from bayesprompt.bayes import ove
 from bayesprompt.objectives import make_objective
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 class _Output:
   def __init__(self, logits, kl=0.0):

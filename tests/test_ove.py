@@ -12,11 +12,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from jax.test_util import check_grads
 
 from bayesprompt.bayes import ove
 from bayesprompt.bayes.polya_gamma import sample_polya_gamma
+
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 N, C, M = 4, 5, 3  # one batch shape for the loss tests, so the PG sampler compiles once per dtype
 

@@ -16,6 +16,10 @@ from jax.test_util import check_grads
 from bayesprompt.bayes import ove
 from bayesprompt.bayes.polya_gamma import polya_gamma_mean, sample_polya_gamma
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 N, C = 5, 7
 X64_ATOL = 1e-10  # float64: both formulations agree to ~1e-15; this leaves room for summation order
 

@@ -11,6 +11,10 @@ from absl.testing import parameterized
 
 from bayesprompt.bayes import laplace, predictive, probcosine
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 DIM = 16
 
 

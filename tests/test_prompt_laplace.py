@@ -11,6 +11,10 @@ from jax.flatten_util import ravel_pytree
 
 from bayesprompt.bayes import prompt_laplace as pl
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 NUM_CLASSES, FEATURE_DIM = 3, 4
 CONTEXT = {"gain": jnp.asarray(1.5, jnp.float32)}  # a constant the model reads, passed as `context`
 

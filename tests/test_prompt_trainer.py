@@ -13,6 +13,10 @@ import pytest
 import bayesprompt.clip as clip
 from bayesprompt.train import prompt_trainer
 
+# Tiny towers and float64 oracles: XLA's optimisation passes cost more compile time than they save (cold
+# suite), and the warm run is no slower (tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 BACKBONES = ["openclip_vit_tiny", "openclip_vit_tiny_gelu", "hf_clip_tiny", "hf_siglip_tiny"]
 
 
