@@ -125,6 +125,7 @@ def test_diagonal_laplace_for_a_prompted_image_tower(trained_coop):
                                          batch_size=16, bayesvlm_posteriors=towers)
   assert not scorer.on_features  # VaMP prompts the image tower: it reads images
   scorer.laplace_kind = "diag"
+  scorer.image_sample_chunk, scorer.image_sample_budget = 2, 4  # the chunked predictive: 2 images x 2 samples
   train = data.train.select(np.arange(16))
   info = scorer.fit_laplace(train)
   assert info["kind"] == "diag" and np.isfinite(info["log_marginal_likelihood"])

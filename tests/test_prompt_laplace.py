@@ -342,3 +342,16 @@ def test_shared_text_jacobian_rows_equal_single_class_gradients(tmp_path):
     np.testing.assert_allclose(np.asarray(forward[c]), truth, atol=1e-5 * np.max(np.abs(truth)))
     np.testing.assert_allclose(np.asarray(projected[c]), np.asarray(basis[c], np.float64).T @ truth,
                                atol=1e-5 * np.max(np.abs(truth)))
+
+
+def test_jvp_samples_in_chunks_equal_all_at_once():
+  params, inputs, labels = tiny_setup()
+  posterior, _ = pl.fit(tiny_apply, params, inputs, labels, jax.random.key(0), CONTEXT, kind="full",
+                        prior_precision=1.0)
+  key = jax.random.key(3)
+  whole = pl.glm_logit_samples(tiny_apply, params, posterior, inputs, key, 7, CONTEXT)
+  for chunk in (1, 3, 7):
+    chex.assert_trees_all_close(pl.glm_logit_samples(tiny_apply, params, posterior, inputs, key, 7, CONTEXT,
+                                                     sample_chunk=chunk), whole, atol=1e-6)
+  with pytest.raises(ValueError, match="sample_chunk"):
+    pl.glm_logit_samples(tiny_apply, params, posterior, inputs, key, 7, CONTEXT, sample_chunk=0)

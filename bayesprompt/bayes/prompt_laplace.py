@@ -414,28 +414,34 @@ def glm_logit_moments(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, 
   return mean, cov
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_samples"))
-def _glm_samples(apply_fn, params, posterior, inputs, key, context, num_samples):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_samples", "sample_chunk"))
+def _glm_samples(apply_fn, params, posterior, inputs, key, context, num_samples, sample_chunk=None):
   _, fn = flat_apply(apply_fn, params)
   model_key, param_key = jax.random.split(key)
   deltas = sample_perturbations(posterior, param_key, num_samples)
   model_keys = jax.random.split(model_key, num_samples)
 
-  def one(delta, model_k):  # f(θ*; ε_s) + J_s δ_s by one jvp
+  def one(pair):  # f(θ*; ε_s) + J_s δ_s by one jvp
+    delta, model_k = pair
     primal, tangent = jax.jvp(lambda t: fn(t, inputs, model_k, context), (posterior.mean,), (delta,))
     return primal + tangent
 
-  return jax.vmap(one)(deltas, model_keys)
+  if sample_chunk is None or sample_chunk >= num_samples:
+    return jax.vmap(one)((deltas, model_keys))
+  return jax.lax.map(one, (deltas, model_keys), batch_size=sample_chunk)
 
 
 def glm_logit_samples(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, inputs: Any, key: Array,
-                      num_samples: int, context: Any = None) -> Array:
+                      num_samples: int, context: Any = None, *, sample_chunk: int | None = None) -> Array:
   """Samples of the linearised logits [S, B, C], one jvp each (vmap-ed), no Jacobian: any number of params.
 
-  A stochastic learner's own noise is drawn afresh for every sample (its key is split from `key`)."""
+  A stochastic learner's own noise is drawn afresh for every sample (its key is split from `key`).
+  sample_chunk: samples vmap-ed at once (memory: a sample costs one forward of the batch; None: all)."""
   if num_samples <= 0:
     raise ValueError(f"num_samples={num_samples}; expected a positive integer")
-  return _glm_samples(apply_fn, params, posterior, inputs, key, context, num_samples)
+  if sample_chunk is not None and sample_chunk <= 0:
+    raise ValueError(f"sample_chunk={sample_chunk}; expected a positive integer or None")
+  return _glm_samples(apply_fn, params, posterior, inputs, key, context, num_samples, sample_chunk)
 
 
 def probit_from_moments(mean: Array, cov: Array) -> Array:
@@ -479,7 +485,7 @@ def mc_from_moments(key: Array, mean: Array, cov_root: Array, num_samples: int, 
 def glm_predictive(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, inputs: Any, key: Array,
                    context: Any = None, *,
                    method: str = "probit", num_samples: int = 100, use_jacobian: bool | None = None,
-                   tangent_chunk: int | None = None) -> Array:
+                   tangent_chunk: int | None = None, sample_chunk: int | None = None) -> Array:
   """Linearised predictive probabilities [B, C].
 
   With the Jacobian (default for a full posterior): probit from the exact logit variances, or MC with exact
@@ -493,7 +499,8 @@ def glm_predictive(apply_fn: ApplyFn, params: Any, posterior: PromptLaplace, inp
     if method == "probit":
       return probit_from_moments(mean, cov)
     return mc_from_moments(jax.random.fold_in(key, 1), mean, root, num_samples)
-  samples = glm_logit_samples(apply_fn, params, posterior, inputs, key, num_samples, context)
+  samples = glm_logit_samples(apply_fn, params, posterior, inputs, key, num_samples, context,
+                              sample_chunk=sample_chunk)
   if method == "mc":
     return mean_softmax(samples)
   return probit_from_variances(jnp.mean(samples, axis=0), jnp.var(samples, axis=0))

@@ -177,6 +177,10 @@ class PosteriorScorer:
   diag_chunk: int = 8
   # Learners with `shares_text_features` (CoOp): the full GGN and the Jacobian predictive from the text
   # Jacobian, once per class list (`prompt_laplace.fit_shared_text`); False: the generic per-batch path.
+  # Learners that read images (VaMP, MaPLe, ...): jvp samples of the Laplace predictive vmap-ed at once, and
+  # images x samples per step.
+  image_sample_chunk: int = 8
+  image_sample_budget: int = 256
   shared_text_path: bool = True
   class_chunk: int | None = 64  # classes per vmap-ed batch of the text Jacobian (memory: D cotangents each)
   # Shared-text fit: None = the exact GGN (D vjps per class); r = the low-rank GGN along each class's top-r
@@ -308,18 +312,23 @@ class PosteriorScorer:
       return jax.block_until_ready(prompt_laplace.shared_text_predictive(
           self.laplace, text, text_jac, inputs, key, *self._logit_scale_bias(),
           method=self.laplace_predictive, num_samples=num))
+    # Learners that read images: a jvp sample costs a forward of the image batch, so images and samples go in
+    # chunks (VaMP at 512 images x 32 samples asked for 57 GB).
+    sample_chunk = None if self.on_features else min(num, self.image_sample_chunk)
+    batch = None if self.on_features else max(1, self.image_sample_budget // sample_chunk)
     return self._batched(lambda x, k: prompt_laplace.glm_predictive(
         self.apply, self.run.params, self.laplace, x, k, context, method=self.laplace_predictive, num_samples=num,
-        use_jacobian=use_jacobian, tangent_chunk=128), inputs, key)
+        use_jacobian=use_jacobian, tangent_chunk=128, sample_chunk=sample_chunk), inputs, key, batch=batch)
 
   def _logit_scale_bias(self) -> tuple[jax.Array, jax.Array | float]:
     """(exp(logit_scale), logit_bias or 0) of the frozen CLIP: `engine.logits`' affine map of the cosines."""
     params = self.run.clip_params
     return jnp.exp(params["logit_scale"]), params["logit_bias"] if "logit_bias" in params else 0.0
 
-  def _batched(self, fn, inputs, key):
+  def _batched(self, fn, inputs, key, batch: int | None = None):
     size = inputs.shape[0]
-    batch = size if self.on_features else self.batch_size  # features: one batch (the text side runs once)
+    if batch is None:
+      batch = size if self.on_features else self.batch_size  # features: one batch (the text side runs once)
     parts = [fn(inputs[s:s + batch], jax.random.fold_in(key, s)) for s in range(0, size, batch)]
     return jax.block_until_ready(jnp.concatenate(parts))
 
@@ -339,7 +348,7 @@ class PosteriorScorer:
     shared = None if per_image else learner_text_features(run.learner, run.params, params, class_state,
                                                           jax.random.fold_in(key, 0), self.num_draws)
     probs = []
-    for s in range(0, len(images), self.batch_size):
+    for s in range(0, len(images), self.batch_size):  # the 'none' predictive's batches: the same draws
       batch = images[s:s + self.batch_size]
       if per_image:  # VaMP: its prompted image tower and per-image text prompts, one image at a time
         image, text = vamp_projection_features(run.learner, run.params, params, class_state, jnp.asarray(batch),
