@@ -347,14 +347,15 @@ class PosteriorScorer:
     # The draws of the learner's own noise are those of its 'none' predictive (first batch key).
     shared = None if per_image else learner_text_features(run.learner, run.params, params, class_state,
                                                           jax.random.fold_in(key, 0), self.num_draws)
+    # Jitted once per call: eager vmap dispatched op by op (VaMP on 1000 images took > 10 CPU-min per split).
+    per_image_draw = jax.jit(jax.vmap(lambda img, txt: predictive(jax.tree.map(lambda x: x[None], img), txt)[0]))
     probs = []
     for s in range(0, len(images), self.batch_size):  # the 'none' predictive's batches: the same draws
       batch = images[s:s + self.batch_size]
       if per_image:  # VaMP: its prompted image tower and per-image text prompts, one image at a time
         image, text = vamp_projection_features(run.learner, run.params, params, class_state, jnp.asarray(batch),
                                                jax.random.fold_in(key, s))
-        one = lambda img, txt: predictive(jax.tree.map(lambda x: x[None], img), txt)[0]  # noqa: E731
-        draws = [jax.vmap(one)(image, jax.tree.map(lambda x, d=d: x[d], text))
+        draws = [per_image_draw(image, jax.tree.map(lambda x, d=d: x[d], text))
                  for d in range(text["embeddings"].shape[0])]
       else:
         image = features_lib.image_features(params, config, batch)
