@@ -31,6 +31,8 @@ flags.DEFINE_integer("laplace_rank", 8, "Learners whose text features are shared
                      "GGN along each class's top-r image-feature directions (r vjps per class instead of D: 0.9 "
                      "of a training epoch at r = 8 on the sandbox, against 3.2 exact; benchmarks/RESULTS.md). 0: "
                      "the exact GGN.", lower_bound=0)
+flags.DEFINE_enum("laplace_prior_groups", "one", ["one", "leaves"], "Prior of the diagonal Laplace (VaMP, MaPLe, "
+                  "...): one λ, or one λ per parameter leaf, each by marginal likelihood. The full GGN fits one λ.")
 flags.DEFINE_enum("laplace_predictive", "mc", ["probit", "mc"], "Linearised predictive of the prompt Laplace.")
 flags.DEFINE_integer("laplace_samples", 32, "jvp samples of the linearised predictive.")
 flags.DEFINE_bool("laplace_jacobian", False, "Deterministic learners: exact logit covariance from the Jacobian "
@@ -62,7 +64,7 @@ def main(argv):
       max_eval_examples=FLAGS.max_eval_examples, laplace_kind=FLAGS.laplace_kind,
       max_full_params=FLAGS.max_full_params, laplace_predictive=FLAGS.laplace_predictive,
       laplace_samples=FLAGS.laplace_samples, laplace_jacobian=FLAGS.laplace_jacobian,
-      laplace_rank=FLAGS.laplace_rank or None,
+      laplace_rank=FLAGS.laplace_rank or None, laplace_prior_groups=FLAGS.laplace_prior_groups,
       batch_size=FLAGS.eval_batch_size)
 
 

@@ -122,7 +122,7 @@ def test_diagonal_laplace_for_a_prompted_image_tower(trained_coop):
   run = dataclasses.replace(base, learner=learner, params=params)
   towers = random_towers(run.clip_params, run.clip_config, prior_precision=1e10)
   scorer = posterior_lib.PosteriorScorer(run, posteriors=("none", "laplace", "bayesvlm"), laplace_samples=4,
-                                         batch_size=16, bayesvlm_posteriors=towers)
+                                         batch_size=16, bayesvlm_posteriors=towers, laplace_prior_groups="leaves")
   assert not scorer.on_features  # VaMP prompts the image tower: it reads images
   scorer.laplace_kind = "diag"
   scorer.image_sample_chunk, scorer.image_sample_budget = 2, 4  # the chunked predictive: 2 images x 2 samples
@@ -130,6 +130,11 @@ def test_diagonal_laplace_for_a_prompted_image_tower(trained_coop):
   info = scorer.fit_laplace(train)
   assert info["kind"] == "diag" and np.isfinite(info["log_marginal_likelihood"])
   assert bool(jnp.all(scorer.laplace.ggn_eigvals >= 0)) and float(jnp.max(scorer.laplace.ggn_eigvals)) > 0
+  # one λ per parameter leaf, each finite and positive
+  _, leaf_names = posterior_lib.prompt_laplace.leaf_groups(params)
+  assert list(info["prior_precision"]) == leaf_names
+  lams = np.array(list(info["prior_precision"].values()))
+  assert np.all(np.isfinite(lams)) and np.all(lams > 0)
   images, labels = posterior_lib.load_split(data.evals["new"], run.clip_config.vision.image_size)
   probs = scorer.probabilities(data.evals["new"], images[:8])
   for p in probs.values():

@@ -32,6 +32,11 @@ The prior is N(θ₀, λ⁻¹I); λ maximises the Laplace evidence
   log Z(λ) = log p(D | θ*) − ½λ‖θ* − θ₀‖² + ½P·log λ − ½ Σ_k log(g_k + λ)
 (g_k: eigenvalues of G, or its diagonal), which is concave in log λ, so bisection on its derivative finds the
 maximiser. For a linear-Gaussian model this is the exact log marginal likelihood (tests check that).
+`prior_groups="leaves"` ("diag" only): one λ_g per params leaf, prior N(θ₀, diag(λ_{g(k)})⁻¹). With a diagonal
+G the evidence separates over groups, each term concave in log λ_g, so all the λ_g are bisected at once. Why:
+a learner whose leaves live on different scales (VaMP: 0.02-scale vision prompts next to MLP weights and
+biases) gets from one shared λ the prior variance of its largest-scale leaf everywhere, a posterior far wider
+than its small leaves can bear.
 
 Linearised predictive, f_lin(x) = f(θ*, x) + J(x)(θ − θ*), θ ~ N(θ*, Σ):
 * `glm_logit_moments`: exact mean f(θ*, x) [B, C], covariance J Σ Jᵀ [B, C, C] from the explicit Jacobian
@@ -56,6 +61,7 @@ Array = jax.Array
 ApplyFn = Callable[[Any, Any, Array, Any], Array]
 KINDS = ("full", "diag")
 PREDICTIVES = ("probit", "mc")
+PRIOR_GROUPS = ("one", "leaves")
 
 
 class PromptLaplace(NamedTuple):
@@ -66,7 +72,7 @@ class PromptLaplace(NamedTuple):
     prior_mean: [P] θ₀.
     ggn_eigvals: [P] eigenvalues of G ("full") or its diagonal ("diag"), clipped at 0.
     ggn_eigvecs: [P, P] eigenvectors of G (columns) for "full"; None for "diag".
-    prior_precision: [] λ > 0.
+    prior_precision: [] λ > 0, or [P] per-entry λ ("diag" only; `fit_prior_precision_groups`).
   """
 
   mean: Array
@@ -232,7 +238,8 @@ def ggn_diagonal(apply_fn: ApplyFn, params: Any, inputs: Any, key: Array, contex
 
 def posterior_from_ggn(mean: Array, ggn: Array, *, prior_precision: float | Array = 1.0,
                        prior_mean: Array | None = None, psd_tol: float = 1e-4) -> PromptLaplace:
-  """The posterior from θ* [P] and G: [P, P] (full) or [P] (its diagonal, "diag").
+  """The posterior from θ* [P] and G: [P, P] (full) or [P] (its diagonal, "diag"); λ: [] or, with a diagonal G,
+  [P] (one precision per entry).
 
   Raises ValueError for shapes that do not match, non-finite entries, a G that is not PSD (smallest
   eigenvalue < −psd_tol·max|eig|) or λ ≤ 0."""
@@ -256,20 +263,31 @@ def posterior_from_ggn(mean: Array, ggn: Array, *, prior_precision: float | Arra
   prior_mean = jnp.zeros_like(mean) if prior_mean is None else jnp.asarray(prior_mean, jnp.float32)
   if prior_mean.shape != mean.shape:
     raise ValueError(f"prior_mean has shape {prior_mean.shape}; expected {mean.shape}")
-  lam = float(prior_precision)
-  if not (np.isfinite(lam) and lam > 0):
-    raise ValueError(f"prior_precision={prior_precision}; expected a finite λ > 0")
-  return PromptLaplace(mean, prior_mean, jnp.maximum(eigvals, 0.0), eigvecs, jnp.asarray(lam, jnp.float32))
+  lam = np.asarray(prior_precision, np.float32)
+  if lam.ndim == 1 and eigvecs is not None:
+    raise ValueError("a per-entry prior_precision [P] needs a diagonal GGN: G + diag(λ) does not share G's "
+                     "eigenvectors")
+  if lam.shape not in ((), (num,)):
+    raise ValueError(f"prior_precision has shape {lam.shape}; expected a scalar or [{num}]")
+  if not (np.all(np.isfinite(lam)) and np.all(lam > 0)):
+    bad = lam if lam.ndim == 0 else lam[~(np.isfinite(lam) & (lam > 0))][:3]
+    raise ValueError(f"prior_precision={bad}; expected a finite λ > 0")
+  return PromptLaplace(mean, prior_mean, jnp.maximum(eigvals, 0.0), eigvecs, jnp.asarray(lam))
 
 
 def log_marginal_likelihood(posterior: PromptLaplace, log_likelihood: Array | float,
                             log_prior_precision: Array | float | None = None) -> Array:
   """Laplace log evidence log p(D|θ*) − ½λ‖θ*−θ₀‖² + ½P·log λ − ½Σ_k log(g_k + λ) at log λ (default: the
-  posterior's λ). Jit- and grad-able in log λ."""
+  posterior's λ); a per-entry log λ [P] ("diag") gives −½Σ_k λ_k(θ*_k−θ₀_k)² + ½Σ_k log λ_k − ½Σ_k log(g_k + λ_k).
+  Jit- and grad-able in log λ."""
   if log_prior_precision is None:
     log_prior_precision = jnp.log(posterior.prior_precision)
   log_lam = jnp.asarray(log_prior_precision, jnp.float32)
   lam = jnp.exp(log_lam)
+  if log_lam.ndim == 1:
+    sq_entries = jnp.square(posterior.mean - posterior.prior_mean)
+    return (log_likelihood - 0.5 * jnp.sum(lam * sq_entries) + 0.5 * jnp.sum(log_lam)
+            - 0.5 * jnp.sum(jnp.log(posterior.ggn_eigvals + lam)))
   sq = jnp.sum(jnp.square(posterior.mean - posterior.prior_mean))
   return (log_likelihood - 0.5 * lam * sq + 0.5 * posterior.mean.shape[0] * log_lam
           - 0.5 * jnp.sum(jnp.log(posterior.ggn_eigvals + lam)))
@@ -301,6 +319,58 @@ def fit_prior_precision(posterior: PromptLaplace, *, bounds: tuple[float, float]
   return posterior._replace(prior_precision=lam)
 
 
+def leaf_groups(params: Any) -> tuple[np.ndarray, list[str]]:
+  """The group of every flat entry of `params` (in `ravel_pytree` order), one group per leaf: (ids [P] int32,
+  the leaves' path names)."""
+  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [jax.tree_util.keystr(path) for path, _ in with_paths]
+  sizes = [int(np.size(leaf)) for _, leaf in with_paths]
+  return np.repeat(np.arange(len(sizes), dtype=np.int32), sizes), names
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "num_iters"))
+def _bisect_group_log_lambdas(posterior, group_ids, log_lo, log_hi, num_groups, num_iters):
+  sq = jnp.square(posterior.mean - posterior.prior_mean)
+  eig = posterior.ggn_eigvals
+
+  def grad(log_lam):  # ∂ log Z / ∂ log λ_g [G]: Σ_{k∈g} ½·g_k/(g_k + λ_g) − ½λ_g(θ*_k − θ₀_k)²
+    lam = jnp.exp(log_lam)[group_ids]
+    return jax.ops.segment_sum(0.5 * eig / (eig + lam) - 0.5 * lam * sq, group_ids, num_groups)
+
+  def body(_, bracket):
+    lo, hi = bracket
+    mid = 0.5 * (lo + hi)
+    rising = grad(mid) > 0
+    return jnp.where(rising, mid, lo), jnp.where(rising, hi, mid)
+
+  start = (jnp.full((num_groups,), log_lo), jnp.full((num_groups,), log_hi))
+  lo, hi = jax.lax.fori_loop(0, num_iters, body, start)
+  return jnp.exp(0.5 * (lo + hi))
+
+
+def fit_prior_precision_groups(posterior: PromptLaplace, group_ids: Array | np.ndarray, *,
+                               bounds: tuple[float, float] = (1e-8, 1e10),
+                               num_iters: int = 80) -> tuple[PromptLaplace, np.ndarray]:
+  """One λ_g per group (group_ids [P] in 0..G−1, e.g. `leaf_groups`), each maximising the evidence; "diag"
+  posteriors only (with a diagonal G the evidence is a sum of per-group terms, each concave in log λ_g).
+  Returns (the posterior with the per-entry λ [P], λ per group [G]). A group whose θ* equals θ₀ gets the upper
+  bound (its evidence rises with λ without end: a point mass at the prior)."""
+  if posterior.ggn_eigvecs is not None:
+    raise ValueError("per-group prior precisions need a diagonal GGN (kind='diag'): G + diag(λ) does not "
+                     "share G's eigenvectors")
+  ids = np.asarray(group_ids)
+  if ids.shape != posterior.mean.shape or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:
+    raise ValueError(f"group_ids have shape {ids.shape} and dtype {ids.dtype}; expected non-negative integers "
+                     f"of shape {posterior.mean.shape}")
+  lo, hi = bounds
+  if not (0 < lo < hi and math.isfinite(hi)):
+    raise ValueError(f"bounds={bounds}; expected 0 < low < high < inf")
+  num_groups = int(ids.max()) + 1
+  lams = _bisect_group_log_lambdas(posterior, jnp.asarray(ids, jnp.int32), jnp.float32(math.log(lo)),
+                                   jnp.float32(math.log(hi)), num_groups, num_iters)
+  return posterior._replace(prior_precision=lams[jnp.asarray(ids)]), np.asarray(lams)
+
+
 def log_likelihood(logits: Array, labels: Array) -> Array:
   """Σ_i log softmax(logits_i)[y_i] of logits [N, C], labels [N]."""
   log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
@@ -311,12 +381,14 @@ def fit(apply_fn: ApplyFn, params: Any, inputs: Any, labels: Array, key: Array, 
         kind: str = "full",
         prior_precision: float | str = "fit", prior_mean: Any = None, chunk_size: int | None = None,
         num_model_samples: int = 1, num_label_samples: int = 1,
-        tangent_chunk: int | None = None) -> tuple[PromptLaplace, dict[str, float]]:
+        tangent_chunk: int | None = None, prior_groups: str = "one") -> tuple[PromptLaplace, dict[str, Any]]:
   """Laplace over `params` from the fitting data (inputs, labels [N]).
 
   Args:
     kind: "full" (dense GGN, Jacobians) or "diag" (sampled-label diagonal).
     prior_precision: λ > 0, or "fit" (maximise the evidence).
+    prior_groups: "one" (one λ) or "leaves" (one fitted λ per params leaf; kind "diag" and "fit" only):
+      info["prior_precision"] is then {leaf path: λ}.
     prior_mean: params pytree θ₀ (None: zeros, the prior of the weight decay the learners train with).
     chunk_size: examples per Jacobian / gradient batch (None: all; "diag" defaults to 64 when None).
     num_model_samples: draws of a stochastic learner's noise averaged into the full GGN.
@@ -326,6 +398,7 @@ def fit(apply_fn: ApplyFn, params: Any, inputs: Any, labels: Array, key: Array, 
   _check_kind(kind)
   labels = _check_labels(labels, inputs)
   _check_prior_precision(prior_precision)
+  _check_prior_groups(prior_groups, kind, prior_precision)
   if kind == "full":
     ggn, logits = ggn_full(apply_fn, params, inputs, key, context, chunk_size=chunk_size,
                            num_model_samples=num_model_samples, tangent_chunk=tangent_chunk)
@@ -335,7 +408,16 @@ def fit(apply_fn: ApplyFn, params: Any, inputs: Any, labels: Array, key: Array, 
     apply = jax.jit(apply_fn)
     logits = jnp.concatenate([apply(params, piece, key, context)
                               for _, piece, _ in _chunks(inputs, None, chunk_size or 64)])
-  return _posterior_and_info(params, ggn, logits, labels, kind, prior_precision, prior_mean)
+  return _posterior_and_info(params, ggn, logits, labels, kind, prior_precision, prior_mean, prior_groups)
+
+
+def _check_prior_groups(prior_groups: str, kind: str, prior_precision: float | str) -> None:
+  if prior_groups not in PRIOR_GROUPS:
+    raise ValueError(f"prior_groups={prior_groups!r}; expected one of {PRIOR_GROUPS}")
+  if prior_groups == "leaves" and (kind != "diag" or prior_precision != "fit"):
+    raise ValueError(f"prior_groups='leaves' needs kind='diag' and prior_precision='fit' (got kind={kind!r}, "
+                     f"prior_precision={prior_precision!r}): a per-leaf λ is fitted, and G + diag(λ) shares "
+                     "eigenvectors with G only when G is diagonal")
 
 
 def _check_prior_precision(prior_precision: float | str) -> None:
@@ -344,17 +426,22 @@ def _check_prior_precision(prior_precision: float | str) -> None:
 
 
 def _posterior_and_info(params: Any, ggn: Array, logits: Array, labels: Array, kind: str,
-                        prior_precision: float | str,
-                        prior_mean: Any) -> tuple[PromptLaplace, dict[str, Any]]:
+                        prior_precision: float | str, prior_mean: Any,
+                        prior_groups: str = "one") -> tuple[PromptLaplace, dict[str, Any]]:
   """The posterior from G ([P, P] or [P]) and the fitting logits [N, C]: λ fixed or fitted, and its info."""
   theta = ravel_pytree(params)[0]
   flat_prior = None if prior_mean is None else ravel_pytree(prior_mean)[0]
   lam0 = 1.0 if prior_precision == "fit" else prior_precision
   posterior = posterior_from_ggn(theta, ggn, prior_precision=lam0, prior_mean=flat_prior)
-  if prior_precision == "fit":
+  group_lams = None
+  if prior_groups == "leaves":
+    group_ids, names = leaf_groups(params)
+    posterior, lams = fit_prior_precision_groups(posterior, group_ids)
+    group_lams = {name: float(lam) for name, lam in zip(names, lams, strict=True)}
+  elif prior_precision == "fit":
     posterior = fit_prior_precision(posterior)
   loglik = log_likelihood(logits, labels)
-  info = {"prior_precision": float(posterior.prior_precision), "log_likelihood": float(loglik),
+  info = {"prior_precision": group_lams or float(posterior.prior_precision), "log_likelihood": float(loglik),
           "log_marginal_likelihood": float(log_marginal_likelihood(posterior, loglik)),
           "num_params": posterior.num_params, "kind": kind}
   return posterior, info

@@ -159,6 +159,8 @@ class PosteriorScorer:
     bayesvlm_predictive: "probit" or "mc".
     laplace_model_samples: draws of a stochastic learner's noise averaged into the full GGN (each costs one
       Jacobian; the sandbox table uses 1).
+    laplace_prior_groups: the diagonal Laplace's prior: "one" λ, or one λ per params leaf ("leaves",
+      `prompt_laplace.fit_prior_precision_groups`); the full GGN always fits one λ.
   """
 
   run: TrainedRun
@@ -186,11 +188,15 @@ class PosteriorScorer:
   # Shared-text fit: None = the exact GGN (D vjps per class); r = the low-rank GGN along each class's top-r
   # image-feature directions (`prompt_laplace.feature_subspace`), about r/D of the exact fit's Jacobian cost.
   laplace_rank: int | None = None
+  laplace_prior_groups: str = "one"
 
   def __post_init__(self):
     self.posteriors = check_posteriors(self.posteriors)
     if self.laplace_kind not in LAPLACE_KINDS:
       raise ValueError(f"laplace_kind={self.laplace_kind!r}; expected one of {LAPLACE_KINDS}")
+    if self.laplace_prior_groups not in prompt_laplace.PRIOR_GROUPS:
+      raise ValueError(f"laplace_prior_groups={self.laplace_prior_groups!r}; expected one of "
+                       f"{prompt_laplace.PRIOR_GROUPS}")
     if self.laplace_predictive not in prompt_laplace.PREDICTIVES:
       raise ValueError(f"laplace_predictive={self.laplace_predictive!r}; expected one of "
                        f"{prompt_laplace.PREDICTIVES}")
@@ -268,7 +274,8 @@ class PosteriorScorer:
           self.apply, self.run.params, inputs, jnp.asarray(labels), jax.random.key(self.seed),
           (self.run.clip_params, class_state), kind=kind,
           chunk_size=None if kind == "full" else self.diag_chunk,
-          num_model_samples=self.laplace_model_samples if stochastic else 1, tangent_chunk=128)
+          num_model_samples=self.laplace_model_samples if stochastic else 1, tangent_chunk=128,
+          prior_groups=self.laplace_prior_groups if kind == "diag" else "one")
     jax.block_until_ready(posterior)
     self.timings["fit_seconds"] = time.perf_counter() - start
     self.laplace = posterior
