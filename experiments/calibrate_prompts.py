@@ -31,8 +31,10 @@ flags.DEFINE_integer("laplace_rank", 8, "Learners whose text features are shared
                      "GGN along each class's top-r image-feature directions (r vjps per class instead of D: 0.9 "
                      "of a training epoch at r = 8 on the sandbox, against 3.2 exact; benchmarks/RESULTS.md). 0: "
                      "the exact GGN.", lower_bound=0)
-flags.DEFINE_enum("laplace_prior_groups", "one", ["one", "leaves"], "Prior of the diagonal Laplace (VaMP, MaPLe, "
-                  "...): one λ, or one λ per parameter leaf, each by marginal likelihood. The full GGN fits one λ.")
+flags.DEFINE_enum("laplace_prior_groups", "leaves", ["one", "leaves"], "Prior of the diagonal Laplace (VaMP, "
+                  "MaPLe, ...): one λ per parameter leaf, or one λ for all, each by marginal likelihood (sandbox "
+                  "VaMP, seed 1: log evidence −631 per leaf against −2326 with one λ, base accuracy 60.0 against "
+                  "52.7). The full GGN fits one λ.")
 flags.DEFINE_enum("laplace_predictive", "mc", ["probit", "mc"], "Linearised predictive of the prompt Laplace.")
 flags.DEFINE_integer("laplace_samples", 32, "jvp samples of the linearised predictive.")
 flags.DEFINE_bool("laplace_jacobian", False, "Deterministic learners: exact logit covariance from the Jacobian "

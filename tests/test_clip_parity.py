@@ -97,11 +97,11 @@ def test_other_architectures_against_numpy_reference(tmp_path, architecture):
       text=clip.TextConfig(vocab_size=vocab, context_length=context, width=t_width, layers=t_layers,
                            heads=max(1, t_width // 64), mlp_dim=4 * t_width, act=act),
       embed_dim=embed)
-  params = clip.init_params(config, jax.random.key(image_size))
-  # Perturb LayerNorms so they are not the identity.
-  params = jax.tree_util.tree_map_with_path(
+  # Perturb LayerNorms so they are not the identity (jitted with the init: one program, not one per leaf).
+  params = jax.jit(lambda key: jax.tree_util.tree_map_with_path(
       lambda path, x: x + 0.1 * jax.random.normal(jax.random.key(len(path)), x.shape)
-      if any(getattr(p, "key", None) in ("scale", "bias") for p in path) else x, params)
+      if any(getattr(p, "key", None) in ("scale", "bias") for p in path) else x,
+      clip.init_params(config, key)))(jax.random.key(image_size))
   directory = str(tmp_path / "model")
   clip.save_checkpoint(directory, config, params)
   from safetensors.numpy import load_file
@@ -120,8 +120,11 @@ def test_other_architectures_against_numpy_reference(tmp_path, architecture):
   tokens[0, 3] = vocab - 1  # an earlier one: pooling takes the first argmax
   ref_image, ref_image_pre = clip_reference.encode_image(state, images, config.vision.heads, quick_gelu)
   ref_text, ref_text_pre = clip_reference.encode_text(state, tokens, config.text.heads, quick_gelu)
-  image, image_out = clip.image_tower(loaded_params, jnp.asarray(images.transpose(0, 2, 3, 1)), config=config)
-  text, text_out = clip.text_tower(loaded_params, jnp.asarray(tokens), config=config)
+  # jit: one program per tower instead of every primitive compiled eagerly (the cold suite's cost).
+  image, image_out = jax.jit(clip.image_tower, static_argnames="config")(
+      loaded_params, jnp.asarray(images.transpose(0, 2, 3, 1)), config=config)
+  text, text_out = jax.jit(clip.text_tower, static_argnames="config")(loaded_params, jnp.asarray(tokens),
+                                                                        config=config)
   chex.assert_trees_all_close(image, ref_image.astype(np.float32), atol=ATOL)
   chex.assert_trees_all_close(text, ref_text.astype(np.float32), atol=ATOL)
   chex.assert_trees_all_close(image_out["pre_projection"], ref_image_pre.astype(np.float32), atol=ATOL)

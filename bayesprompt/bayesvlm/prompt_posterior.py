@@ -159,8 +159,9 @@ class PosteriorScorer:
     bayesvlm_predictive: "probit" or "mc".
     laplace_model_samples: draws of a stochastic learner's noise averaged into the full GGN (each costs one
       Jacobian; the sandbox table uses 1).
-    laplace_prior_groups: the diagonal Laplace's prior: "one" λ, or one λ per params leaf ("leaves",
-      `prompt_laplace.fit_prior_precision_groups`); the full GGN always fits one λ.
+    laplace_prior_groups: the diagonal Laplace's prior: one λ per params leaf ("leaves",
+      `prompt_laplace.fit_prior_precision_groups`; a learner's leaves live on different scales), or "one" λ;
+      the full GGN always fits one λ.
   """
 
   run: TrainedRun
@@ -188,7 +189,7 @@ class PosteriorScorer:
   # Shared-text fit: None = the exact GGN (D vjps per class); r = the low-rank GGN along each class's top-r
   # image-feature directions (`prompt_laplace.feature_subspace`), about r/D of the exact fit's Jacobian cost.
   laplace_rank: int | None = None
-  laplace_prior_groups: str = "one"
+  laplace_prior_groups: str = "leaves"
 
   def __post_init__(self):
     self.posteriors = check_posteriors(self.posteriors)
