@@ -95,6 +95,18 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
+@pytest.fixture
+def optimized_compiles():
+  """One test of a `fast_compiles` module with XLA's optimisation passes back on (e.g. a float64 sum checked to
+  1e-15, whose unoptimised reduction order rounds differently)."""
+  import jax
+
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
 # BAYESPROMPT_COMPILE_REPORT=<file>: every test's XLA compile seconds in this process (fixture set-up included,
 # subprocesses not), appended as JSON lines "nodeid, seconds, programs" per worker: where a cold suite's time
 # goes (`sort -t, -k2 -rn`). Run it with an empty BAYESPROMPT_JAX_CACHE to see the cold cost.

@@ -31,6 +31,9 @@ import pytest
 
 from tests.test_distributed import REPO_ROOT, wait
 
+# Tiny towers, in process as in the subprocesses (`environment`): tests/conftest.py::fast_compiles.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 NUM_PAIRS, CLASS_BATCH, FORWARD_BATCH = 190, 64, 24
 RELATIVE_TOLERANCE = 1e-5
 
@@ -49,8 +52,10 @@ def save_tiny_clip(root: pathlib.Path) -> str:
 
 
 def environment(devices: int, data_dir: str) -> dict:
+  # A tiny CLIP: XLA's optimisation passes cost more compile time than they save (tests/conftest.py::
+  # fast_compiles), in every binary and scenario subprocess.
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-              BAYESPROMPT_DATA_DIR=data_dir, PYTHONPATH=str(REPO_ROOT))
+              BAYESPROMPT_DATA_DIR=data_dir, PYTHONPATH=str(REPO_ROOT), JAX_DISABLE_MOST_OPTIMIZATIONS="true")
 
 
 def start(args: list[str], devices: int, data_dir: str, cwd: pathlib.Path = REPO_ROOT) -> subprocess.Popen:

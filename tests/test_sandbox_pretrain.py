@@ -14,6 +14,10 @@ from bayesprompt.train import pretrain
 from bayesprompt.train import run_dir as run_dir_lib
 from tests.conftest import binary_module
 
+# The smoke run's tiny sandbox CLIP: XLA's optimisation passes cost more compile time than they save (cold
+# module 47 -> 33 CPU-s, warm 18 -> 21; tests/conftest.py::fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 # Imported per test module (see conftest.binary_module): binaries' absl flags clash in one process.
 pretrain_sandbox = None
 
