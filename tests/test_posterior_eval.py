@@ -231,3 +231,67 @@ def test_every_learner_is_scored_with_the_laplace(trained_coop, method):
   for name, probs in scorer.probabilities(split, images[:2]).items():
     assert np.all(np.isfinite(probs)), name
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5, err_msg=name)
+
+
+def _write_scores(root, learner, seed, results, laplace=None):
+  folder = root / f"{learner}_seed{seed}"
+  folder.mkdir(parents=True)
+  (folder / "posterior_results.json").write_text(json.dumps(
+      {"run_dir": "x", "laplace": laplace or {}, "timings": {}, "results": results}))
+
+
+def _metrics(rng):
+  return {"accuracy": float(rng.uniform()), "nll": float(rng.uniform(0, 3)), "ece": float(rng.uniform(0, 0.3)),
+          "brier": 0.5, "num_examples": 10}
+
+
+def test_posterior_table_is_the_mean_and_std_over_seeds_with_later_dirs_overriding(tmp_path, capsys,
+                                                                                 monkeypatch):
+  """experiments.posterior_table against NumPy on synthetic scores: per seed the shifted cell is the mean over
+  the splits other than base/new, cells are mean ± sample std over the seeds that have them, and a later
+  --scores_dirs entry replaces only the (learner, seed, split, posterior) it holds."""
+  from bayesprompt.errors import UserError
+  from tests.test_prompt_run import run_binary
+
+  rng = np.random.default_rng(0)
+  splits = ("base", "new", "shift_a", "shift_b")
+  old = {seed: {s: {p: _metrics(rng) for p in ("none", "laplace")} for s in splits} for seed in (1, 2, 3)}
+  for seed in (1, 2, 3):
+    _write_scores(tmp_path / "old", "vamp_ce", seed, old[seed], {"prior_precision": 0.5})
+  new = {seed: {s: {"laplace": _metrics(rng)} for s in ("base", "new")} for seed in (1, 2)}
+  for seed in (1, 2):
+    _write_scores(tmp_path / "new", "vamp_ce", seed, new[seed])
+  scores = posterior_lib.collect_scores([tmp_path / "old", tmp_path / "new"])
+  rows = {row["posterior"]: row for row in posterior_lib.summary_rows(scores)}
+  assert set(rows) == {"none", "laplace"}
+
+  def expected(posterior, group, metric):
+    values = []
+    for seed in (1, 2, 3):
+      source = new[seed] if posterior == "laplace" and seed in new and group != "shifted" else old[seed]
+      names = [group] if group != "shifted" else ["shift_a", "shift_b"]
+      values.append(np.mean([source[s][posterior][metric] for s in names]))
+    return np.asarray(values)
+
+  for posterior, row in rows.items():
+    for group in ("base", "new", "shifted"):
+      for metric in ("accuracy", "nll", "ece"):
+        cell = row["cells"][group][metric]
+        want = expected(posterior, group, metric)
+        np.testing.assert_allclose(cell["values"], want, rtol=1e-12)
+        np.testing.assert_allclose([cell["mean"], cell["std"]], [np.mean(want), np.std(want, ddof=1)], rtol=1e-12)
+  assert rows["laplace"]["cells"]["shifted"]["splits"] == [2]
+
+  monkeypatch.chdir(tmp_path)
+  run_binary("experiments.posterior_table", f"--scores_dirs={tmp_path / 'old'},{tmp_path / 'new'}",
+             "--groups=base,new", "--out=table/vamp")
+  out = capsys.readouterr().out
+  acc = expected("laplace", "base", "accuracy")
+  assert f"| vamp_ce | laplace | 3: {100 * np.mean(acc):.1f}±{100 * np.std(acc, ddof=1):.1f} / " in out, out
+  assert "shifted" not in out and (tmp_path / "table" / "vamp.md").read_text().strip() == out.strip()
+  with pytest.raises(UserError, match="no posterior_results.json"):
+    run_binary("experiments.posterior_table", f"--scores_dirs={tmp_path / 'missing'}")
+  with pytest.raises(UserError, match="--scores_dirs is empty"):
+    run_binary("experiments.posterior_table")
+  with pytest.raises(UserError, match="groups"):
+    posterior_lib.summary_rows(scores, ["base", "held_out"])

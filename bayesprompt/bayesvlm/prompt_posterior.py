@@ -453,3 +453,96 @@ def score_runs(run_dirs: Sequence[str], scores_dir: str | pathlib.Path, posterio
   paths = writer.write()
   print(writer.markdown())
   return paths
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tables over scored runs (experiments.posterior_table).
+# ------------------------------------------------------------------------------------------------------------
+
+PROTOCOL_SPLITS = ("base", "new")
+SUMMARY_GROUPS = ("base", "new", "shifted")
+SUMMARY_METRICS = ("accuracy", "nll", "ece")
+
+
+def collect_scores(scores_dirs: Sequence[str | pathlib.Path]) -> dict[tuple[str, int], dict[str, Any]]:
+  """Every `posterior_results.json` under `scores_dirs` (searched recursively; written by `score_runs` into
+  <learner>_seed<k>/): {(learner, seed): {"laplace": {seed's Laplace info}, "results": {split: {posterior:
+  metrics}}}}. A later directory's metrics for the same learner, seed, split and posterior replace an earlier
+  one's (so re-scoring one posterior of older runs keeps their other posteriors). Raises UserError when a
+  directory is missing or holds no scores."""
+  import json
+  import re
+
+  merged: dict[tuple[str, int], dict[str, Any]] = {}
+  for directory in scores_dirs:
+    directory = pathlib.Path(directory)
+    files = sorted(directory.rglob("posterior_results.json")) if directory.is_dir() else []
+    if not files:
+      raise UserError(f"{directory}: no posterior_results.json under it (expected the --scores_dir of "
+                      "experiments.calibrate_prompts)")
+    for path in files:
+      match = re.fullmatch(r"(.+)_seed(\d+)", path.parent.name)
+      if match is None:
+        raise UserError(f"{path}: its folder is not named <learner>_seed<k>")
+      entry = merged.setdefault((match[1], int(match[2])), {"laplace": {}, "results": {}})
+      scored = json.loads(path.read_text())
+      if scored.get("laplace"):
+        entry["laplace"] = scored["laplace"]
+      for split, per_posterior in scored["results"].items():
+        entry["results"].setdefault(split, {}).update(per_posterior)
+  return merged
+
+
+def summary_rows(scores: Mapping[tuple[str, int], Mapping[str, Any]],
+                 groups: Sequence[str] = SUMMARY_GROUPS) -> list[dict[str, Any]]:
+  """One row per (learner, posterior): for each group ("base", "new", or "shifted" = per seed the mean over its
+  splits other than base and new) and metric, the per-seed values and their mean and sample std (ddof 1; 0
+  for one seed). Seeds lacking a group are left out of that group's cell."""
+  unknown = [g for g in groups if g not in SUMMARY_GROUPS]
+  if unknown:
+    raise UserError(f"groups {unknown}; expected some of {SUMMARY_GROUPS}")
+  learners = list(dict.fromkeys(learner for learner, _ in scores))
+  rows = []
+  for learner in learners:
+    seeds = sorted(seed for name, seed in scores if name == learner)
+    posteriors = list(dict.fromkeys(post for seed in seeds for split in scores[learner, seed]["results"].values()
+                                    for post in split))
+    for post in posteriors:
+      row: dict[str, Any] = {"learner": learner, "posterior": post, "cells": {}}
+      for group in groups:
+        per_seed: dict[str, list[float]] = {m: [] for m in SUMMARY_METRICS}
+        num_splits = set()
+        for seed in seeds:
+          results = scores[learner, seed]["results"]
+          splits = [group] if group != "shifted" else [s for s in results if s not in PROTOCOL_SPLITS]
+          splits = [s for s in splits if post in results.get(s, {})]
+          if not splits:
+            continue
+          num_splits.add(len(splits))
+          for metric in SUMMARY_METRICS:
+            per_seed[metric].append(float(np.mean([results[s][post][metric] for s in splits])))
+        if per_seed["accuracy"]:
+          row["cells"][group] = {
+              "seeds": len(per_seed["accuracy"]), "splits": sorted(num_splits),
+              **{m: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+                 for m, v in per_seed.items()}}
+      rows.append(row)
+  return rows
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]], groups: Sequence[str] = SUMMARY_GROUPS) -> str:
+  """The rows as a Markdown table: accuracy (%) / NLL / ECE, mean ± std over seeds, the seeds per cell."""
+  header = "| learner | posterior | " + " | ".join(f"{g}: seeds, acc / NLL / ECE" for g in groups) + " |"
+  lines = [header, "|" + "---|" * (2 + len(groups))]
+  for row in rows:
+    cells = []
+    for group in groups:
+      cell = row["cells"].get(group)
+      if cell is None:
+        cells.append("not scored")
+        continue
+      acc, nll, ece = (cell[m] for m in SUMMARY_METRICS)
+      cells.append(f"{cell['seeds']}: {100 * acc['mean']:.1f}±{100 * acc['std']:.1f} / "
+                   f"{nll['mean']:.3f}±{nll['std']:.3f} / {ece['mean']:.3f}±{ece['std']:.3f}")
+    lines.append(f"| {row['learner']} | {row['posterior']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
