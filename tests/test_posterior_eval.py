@@ -225,7 +225,12 @@ def test_every_learner_is_scored_with_the_laplace(trained_coop, method):
   scorer = posterior_lib.PosteriorScorer(run, posteriors=("laplace",), laplace_samples=2, batch_size=8,
                                          max_full_params=1024)
   info = scorer.fit_laplace(train)
-  assert np.isfinite(info["log_marginal_likelihood"]) and info["prior_precision"] > 0, info
+  assert np.isfinite(info["log_marginal_likelihood"]), info
+  # full GGN: one λ; diagonal: one λ per parameter leaf (the scorer's default)
+  lams = info["prior_precision"] if info["kind"] == "full" else list(info["prior_precision"].values())
+  assert np.all(np.isfinite(lams)) and np.all(np.asarray(lams) > 0), info
+  if info["kind"] == "diag":
+    assert list(info["prior_precision"]) == posterior_lib.prompt_laplace.leaf_groups(params)[1]
   split = data.evals["new"]
   images, _ = posterior_lib.load_split(split, run.clip_config.vision.image_size)
   for name, probs in scorer.probabilities(split, images[:2]).items():
