@@ -354,7 +354,9 @@ def fit_prior_precision_groups(posterior: PromptLaplace, group_ids: Array | np.n
   """One λ_g per group (group_ids [P] in 0..G−1, e.g. `leaf_groups`), each maximising the evidence; "diag"
   posteriors only (with a diagonal G the evidence is a sum of per-group terms, each concave in log λ_g).
   Returns (the posterior with the per-entry λ [P], λ per group [G]). A group whose θ* equals θ₀ gets the upper
-  bound (its evidence rises with λ without end: a point mass at the prior)."""
+  bound (its evidence rises with λ without end: a point mass at the prior); a group with zero curvature
+  everywhere (parameters the fitting logits never read, e.g. VaMP's prior network) gets the lower bound (its
+  evidence falls with λ: a flat prior), which is harmless only if the predictive never reads them either."""
   if posterior.ggn_eigvecs is not None:
     raise ValueError("per-group prior precisions need a diagonal GGN (kind='diag'): G + diag(λ) does not "
                      "share G's eigenvectors")
