@@ -205,6 +205,20 @@ def test_per_leaf_prior_precisions_maximise_the_evidence():
   assert np.all(np.isfinite(np.asarray(probs)))
 
 
+def test_per_group_prior_precision_edge_groups_go_to_the_bounds():
+  """Group 0 has zero curvature (the evidence falls with λ: lower bound), group 1 sits at the prior mean (the
+  evidence rises with λ: upper bound), group 2 is interior and matches its closed-form stationary point."""
+  mean = np.array([0.5, -1.0, 0.0, 0.0, 0.3, 0.4], np.float32)
+  ggn = np.array([0.0, 0.0, 2.0, 1.0, 4.0, 0.5], np.float32)
+  ids = np.array([0, 0, 1, 1, 2, 2], np.int32)
+  posterior, lams = pl.fit_prior_precision_groups(pl.posterior_from_ggn(mean, ggn), ids, bounds=(1e-6, 1e6))
+  np.testing.assert_allclose(lams[:2], [1e-6, 1e6], rtol=1e-3)
+  # interior: Σ_k g_k/(g_k + λ) = λ Σ_k θ_k² (the evidence's stationary point)
+  lam = float(lams[2])
+  np.testing.assert_allclose(np.sum(ggn[4:] / (ggn[4:] + lam)), lam * np.sum(mean[4:] ** 2), rtol=1e-4)
+  chex.assert_trees_all_close(np.asarray(posterior.prior_precision), lams[ids], rtol=1e-6, atol=0)
+
+
 def test_leaf_groups_follow_ravel_order():
   params = {"b": jnp.zeros((2, 3)), "a": {"w": jnp.ones(4), "v": jnp.full((1,), 2.0)}}
   ids, names = pl.leaf_groups(params)
