@@ -37,13 +37,13 @@ if JAX_CACHE_DIR:
 
 
 # Under pytest-xdist (pyproject addopts: --dist loadfile) each file goes whole to the next free worker, so a
-# long file started last keeps one core busy after the other has finished. These files are handed out first
-# (longest first, by CPU-s user of `nice -n 10 python -m pytest -q -n 0 <file>`, 2026-12-03: 88, 74, 73, 53, 44,
-# 42, 35, 29; most are subprocess scenarios), the rest follow in collection order. A name here that no longer
-# exists is ignored.
-LONGEST_FILES_FIRST = ("test_resume_kill.py", "test_distributed.py", "test_run_hygiene.py", "test_prompt_run.py",
-                       "test_bayesvlm_binaries.py", "test_device_suite.py", "test_distributed_binaries.py",
-                       "test_sandbox_pretrain.py")
+# long file started last keeps one core busy after the other has finished. These files are handed out first,
+# longest first by their wall time in a cold idle suite (2026-12-03, `--durations`: test_posterior_eval ~140 s,
+# test_distributed ~105, test_resume_kill ~100, ...; most are subprocess scenarios or every-learner loops), the
+# rest follow in collection order. A name here that no longer exists is ignored.
+LONGEST_FILES_FIRST = ("test_posterior_eval.py", "test_distributed.py", "test_resume_kill.py", "test_prompt_run.py",
+                       "test_bayesvlm_binaries.py", "test_run_hygiene.py", "test_device_suite.py",
+                       "test_distributed_binaries.py", "test_sandbox_pretrain.py", "test_sandbox_regime.py")
 
 
 def pytest_collection_modifyitems(config, items):
