@@ -81,6 +81,10 @@ def main():
   parser.add_argument("--method", default="coop", choices=sorted(RECIPES))
   parser.add_argument("--runs", type=int, default=3)
   parser.add_argument("--samples", type=int, default=32, help="jvp samples of the linearised predictive")
+  parser.add_argument("--parts", default="fit,predictive", help="what to time against the learner's own work: "
+                      "fit (vs a train epoch), predictive (vs a deterministic evaluation), or both")
+  parser.add_argument("--diag_chunk", type=int, default=None, help="examples per batch of per-example gradients "
+                      "of the diagonal GGN (default: the scorer's)")
   parser.add_argument("--ranks", default="8,16", help="shared-text learners: low-rank fits to time (r vjps per "
                       "class) and to compare with the exact fit")
   args = parser.parse_args()
@@ -105,6 +109,8 @@ def main():
                               state.params, tuple(data.train.classnames), data.train.template)
   scorer = posterior_lib.PosteriorScorer(run, posteriors=("none", "laplace"), laplace_samples=args.samples,
                                          batch_size=512)
+  if args.diag_chunk:
+    scorer.diag_chunk = args.diag_chunk
   eval_state = learner.prepare_classes(clip_params, data.evals["base"].classnames,
                                        templates=[data.evals["base"].template])
 
@@ -120,8 +126,9 @@ def main():
     kind = scorer.kind()
     posterior, _ = prompt_laplace.fit(
         scorer.apply, state.params, inputs, jnp.asarray(train_labels), jax.random.key(0), (clip_params, class_state),
-        kind=kind, chunk_size=None if kind == "full" else 64,
-        num_model_samples=1, tangent_chunk=128)
+        kind=kind, chunk_size=None if kind == "full" else scorer.diag_chunk,
+        num_model_samples=1, tangent_chunk=128,
+        prior_groups=scorer.laplace_prior_groups if kind == "diag" else "one")
     scorer.laplace = posterior
     return posterior
 
@@ -146,15 +153,21 @@ def main():
       return scorer._laplace_probs(eval_state, scorer.inputs(test_images), jax.random.key(0))
     return run_it
 
-  candidates = {"train epoch": epoch, "laplace fit (generic)": fit_generic}
+  parts = set(args.parts.split(","))
+  if not parts or parts - {"fit", "predictive"}:
+    raise SystemExit(f"--parts={args.parts}; expected fit, predictive or both")
+  candidates = {}
   ranks = [int(r) for r in args.ranks.split(",") if r] if scorer.shared_text else []
-  if scorer.shared_text:
+  if "fit" in parts:
+    candidates.update({"train epoch": epoch, "laplace fit (generic)": fit_generic})
+  if "fit" in parts and scorer.shared_text:
     candidates["laplace fit (shared text)"] = fit_shared()
     for rank in ranks:
       candidates[f"laplace fit (shared text, rank {rank})"] = fit_shared(rank)
-  candidates.update({"deterministic eval": deterministic,
-                     f"laplace predictive ({args.samples} jvp samples, mc)": linearised(False, "mc")})
-  if scorer.shared_text:
+  if "predictive" in parts:
+    candidates.update({"deterministic eval": deterministic,
+                       f"laplace predictive ({args.samples} jvp samples, mc)": linearised(False, "mc")})
+  if "predictive" in parts and scorer.shared_text:
     name = f"laplace predictive (shared-text Jacobian, {args.samples} exact draws, mc)"
     candidates[name] = linearised(True, "mc")
     candidates["laplace predictive (shared-text Jacobian, probit)"] = linearised(True, "probit")

@@ -196,6 +196,12 @@ def test_per_leaf_prior_precisions_maximise_the_evidence():
       trial[group] = lam
       values.append(numpy_evidence(*args, trial[ids]))
     np.testing.assert_allclose(np.log(fitted[group]), np.log(grid[int(np.argmax(values))]), atol=5e-3)
+  # the log-likelihood from the estimator's own forward passes equals the model's on the whole batch
+  logits = np.asarray(tiny_apply(params, inputs, None, CONTEXT), np.float64)
+  log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  picked = log_probs[np.arange(len(labels)), np.asarray(labels)]
+  np.testing.assert_allclose(info["log_likelihood"], np.sum(picked), rtol=1e-5)
   grouped = numpy_evidence(*args, fitted[ids], info["log_likelihood"])
   np.testing.assert_allclose(info["log_marginal_likelihood"], grouped, rtol=1e-5)
   assert grouped >= single_info["log_marginal_likelihood"] - 1e-3

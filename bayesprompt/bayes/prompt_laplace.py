@@ -194,7 +194,8 @@ def ggn_full(apply_fn: ApplyFn, params: Any, inputs: Any, key: Array | None = No
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_label_samples"))
 def _sampled_diagonal(apply_fn, params, inputs, key, context, *, num_label_samples):
-  """Σ_i mean_m g_im² [P] with g_im = ∇_θ CE(f(θ, x_i), y_im), y_im ~ Cat(p_i), one example at a time."""
+  """(Σ_i mean_m g_im² [P] with g_im = ∇_θ CE(f(θ, x_i), y_im), y_im ~ Cat(p_i), one example at a time; the
+  examples' logits f(θ, x_i) [B, C] of the same forward passes)."""
   theta, fn = flat_apply(apply_fn, params)
   batch = _batch_size(inputs)
   model_key, label_key = jax.random.split(key)
@@ -210,9 +211,10 @@ def _sampled_diagonal(apply_fn, params, inputs, key, context, *, num_label_sampl
     # One label draw after the other: cotangents vmap-ed inside the vmap over examples can come out wrong on
     # jax 0.10.2 (see shared_text_jacobian).
     grads = jax.lax.map(lambda r: vjp(r.astype(logits.dtype))[0], residuals)  # [M, P]
-    return jnp.mean(jnp.square(grads), axis=0)
+    return jnp.mean(jnp.square(grads), axis=0), logits
 
-  return jnp.sum(jax.vmap(one)(inputs, example_keys, label_keys), axis=0)
+  squares, logits = jax.vmap(one)(inputs, example_keys, label_keys)
+  return jnp.sum(squares, axis=0), logits
 
 
 def ggn_diagonal(apply_fn: ApplyFn, params: Any, inputs: Any, key: Array, context: Any = None, *,
@@ -221,14 +223,23 @@ def ggn_diagonal(apply_fn: ApplyFn, params: Any, inputs: Any, key: Array, contex
 
   For a stochastic learner each example also gets its own draw of the learner's noise, so the estimate is
   unbiased for E_ε[diag G(ε)]."""
+  return _diagonal_and_logits(apply_fn, params, inputs, key, context, chunk_size=chunk_size,
+                              num_label_samples=num_label_samples)[0]
+
+
+def _diagonal_and_logits(apply_fn, params, inputs, key, context, *, chunk_size, num_label_samples):
+  """`ggn_diagonal` and the logits [N, C] of its forward passes (each example with its own draw of a stochastic
+  learner's noise): `fit` needs both, and a second forward pass over the data cost 0.2 of a VaMP epoch."""
   if num_label_samples <= 0:
     raise ValueError(f"num_label_samples={num_label_samples}; expected a positive integer")
   theta, _ = flat_apply(apply_fn, params)
-  total = jnp.zeros_like(theta)
+  total, logits = jnp.zeros_like(theta), []
   for start, piece, _ in _chunks(inputs, None, chunk_size):
-    total = total + _sampled_diagonal(apply_fn, params, piece, jax.random.fold_in(key, start), context,
-                                      num_label_samples=num_label_samples)
-  return total
+    squares, piece_logits = _sampled_diagonal(apply_fn, params, piece, jax.random.fold_in(key, start), context,
+                                              num_label_samples=num_label_samples)
+    total = total + squares
+    logits.append(piece_logits)
+  return total, jnp.concatenate(logits)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -405,11 +416,8 @@ def fit(apply_fn: ApplyFn, params: Any, inputs: Any, labels: Array, key: Array, 
     ggn, logits = ggn_full(apply_fn, params, inputs, key, context, chunk_size=chunk_size,
                            num_model_samples=num_model_samples, tangent_chunk=tangent_chunk)
   else:
-    ggn = ggn_diagonal(apply_fn, params, inputs, key, context, chunk_size=chunk_size or 64,
-                       num_label_samples=num_label_samples)
-    apply = jax.jit(apply_fn)
-    logits = jnp.concatenate([apply(params, piece, key, context)
-                              for _, piece, _ in _chunks(inputs, None, chunk_size or 64)])
+    ggn, logits = _diagonal_and_logits(apply_fn, params, inputs, key, context, chunk_size=chunk_size or 64,
+                                       num_label_samples=num_label_samples)
   return _posterior_and_info(params, ggn, logits, labels, kind, prior_precision, prior_mean, prior_groups)
 
 
