@@ -304,30 +304,22 @@ def log_marginal_likelihood(posterior: PromptLaplace, log_likelihood: Array | fl
           - 0.5 * jnp.sum(jnp.log(posterior.ggn_eigvals + lam)))
 
 
-@functools.partial(jax.jit, static_argnames=("num_iters",))
-def _bisect_log_lambda(posterior, log_lo, log_hi, num_iters):
-  grad = jax.grad(lambda t: log_marginal_likelihood(posterior, 0.0, t))
-
-  def body(_, bracket):
-    lo, hi = bracket
-    mid = 0.5 * (lo + hi)
-    rising = grad(mid) > 0
-    return jnp.where(rising, mid, lo), jnp.where(rising, hi, mid)
-
-  lo, hi = jax.lax.fori_loop(0, num_iters, body, (log_lo, log_hi))
-  return jnp.exp(0.5 * (lo + hi))
-
-
 def fit_prior_precision(posterior: PromptLaplace, *, bounds: tuple[float, float] = (1e-8, 1e10),
                         num_iters: int = 80) -> PromptLaplace:
   """The posterior with λ maximising `log_marginal_likelihood` (concave in log λ: bisection on its
   derivative). A maximiser outside `bounds` returns the nearer bound."""
+  lo, hi = _check_bounds(bounds)
+  # One group holding every entry: Σ_k g_k/(g_k + λ) and ‖θ* − θ₀‖² do not depend on the basis, so the
+  # per-group derivative is the full GGN's too.
+  lam = _bisect_group_log_lambdas(posterior, jnp.zeros(posterior.mean.shape, jnp.int32), lo, hi, 1, num_iters)
+  return posterior._replace(prior_precision=lam[0])
+
+
+def _check_bounds(bounds: tuple[float, float]) -> tuple[Array, Array]:
   lo, hi = bounds
   if not (0 < lo < hi and math.isfinite(hi)):
     raise ValueError(f"bounds={bounds}; expected 0 < low < high < inf")
-  lam = _bisect_log_lambda(posterior, jnp.asarray(math.log(lo), jnp.float32),
-                           jnp.asarray(math.log(hi), jnp.float32), num_iters)
-  return posterior._replace(prior_precision=lam)
+  return jnp.float32(math.log(lo)), jnp.float32(math.log(hi))
 
 
 def leaf_groups(params: Any) -> tuple[np.ndarray, list[str]]:
@@ -344,7 +336,9 @@ def _bisect_group_log_lambdas(posterior, group_ids, log_lo, log_hi, num_groups, 
   sq = jnp.square(posterior.mean - posterior.prior_mean)
   eig = posterior.ggn_eigvals
 
-  def grad(log_lam):  # ∂ log Z / ∂ log λ_g [G]: Σ_{k∈g} ½·g_k/(g_k + λ_g) − ½λ_g(θ*_k − θ₀_k)²
+  # ∂ log Z / ∂ log λ_g [G]: Σ_{k∈g} ½·g_k/(g_k + λ_g) − ½λ_g(θ*_k − θ₀_k)² (g_k: G's diagonal, or with one
+  # group its eigenvalues)
+  def grad(log_lam):
     lam = jnp.exp(log_lam)[group_ids]
     return jax.ops.segment_sum(0.5 * eig / (eig + lam) - 0.5 * lam * sq, group_ids, num_groups)
 
@@ -375,12 +369,9 @@ def fit_prior_precision_groups(posterior: PromptLaplace, group_ids: Array | np.n
   if ids.shape != posterior.mean.shape or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:
     raise ValueError(f"group_ids have shape {ids.shape} and dtype {ids.dtype}; expected non-negative integers "
                      f"of shape {posterior.mean.shape}")
-  lo, hi = bounds
-  if not (0 < lo < hi and math.isfinite(hi)):
-    raise ValueError(f"bounds={bounds}; expected 0 < low < high < inf")
+  lo, hi = _check_bounds(bounds)
   num_groups = int(ids.max()) + 1
-  lams = _bisect_group_log_lambdas(posterior, jnp.asarray(ids, jnp.int32), jnp.float32(math.log(lo)),
-                                   jnp.float32(math.log(hi)), num_groups, num_iters)
+  lams = _bisect_group_log_lambdas(posterior, jnp.asarray(ids, jnp.int32), lo, hi, num_groups, num_iters)
   return posterior._replace(prior_precision=lams[jnp.asarray(ids)]), np.asarray(lams)
 
 
