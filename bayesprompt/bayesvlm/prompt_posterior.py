@@ -8,8 +8,8 @@ prompt (`bayes.prompt_laplace`), or BayesVLM's projection Laplace with the learn
 Which Laplace each learner gets (`laplace_kind="auto"`): "full" (dense GGN) when the learner has at most
 `max_full_params` trainable parameters (CoOp n_ctx·W_t, VPT n_ctx·W_t + 2·W_t), else "diag" (sampled-label
 diagonal GGN: VaMP, MaPLe, ...; by default with one prior precision per parameter leaf, `laplace_prior_groups`,
-because these learners' leaves live on different scales). A learner declaring `shares_text_features` (CoOp) gets the full GGN from its
-text Jacobian, taken once per class list instead of once per batch of images. Learners that leave the image
+because these learners' leaves live on different scales). A learner declaring `shares_text_features` (CoOp)
+gets the full GGN from its text Jacobian, taken once per class list instead of once per batch of images. Learners that leave the image
 tower frozen (CoOp, CoCoOp, VPT) are evaluated on cached frozen image features, so the Laplace's Jacobians and
 jvps only re-run the text side.
 Stochastic learners (VPT, VaMP) are linearised per draw of their own noise: the Laplace predictive's sample s
