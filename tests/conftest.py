@@ -36,6 +36,21 @@ if JAX_CACHE_DIR:
       sys.modules["jax"].config.update(_name, _value)
 
 
+# XLA:CPU's fusion emitters (the MLIR code generator, on by default) take about twice as long to compile the
+# suite's small programs as the classic emitters, and the suite is mostly compiling: cold,
+# tests/test_prompts_learners.py took 72 CPU-s with them and 40 without (2026-12-03). Set through XLA_FLAGS
+# so the subprocess tests inherit it (`xla_flags` keeps it when a test adds its own flag); a value the user
+# set wins. Library code and the binaries keep XLA's defaults.
+SUITE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
+
+
+def xla_flags(*extra: str) -> str:
+  """XLA_FLAGS for a test's subprocess: the suite's (SUITE_XLA_FLAGS and any the user set) plus `extra`."""
+  return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
+
+
 # Under pytest-xdist (pyproject addopts: --dist loadfile) each file goes whole to the next free worker, so a
 # long file started last keeps one core busy after the other has finished. These files are handed out first,
 # longest first by their wall time in a cold idle suite (2026-12-03, `--durations`: test_posterior_eval ~140 s,

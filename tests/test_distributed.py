@@ -24,6 +24,8 @@ import numpy as np
 import optax
 import pytest
 
+from tests.conftest import xla_flags
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 2e-5
 IMAGE_SIZE, PATCH = 16, 8
@@ -300,7 +302,7 @@ def scenario_run(out_dir: pathlib.Path, epochs: int = 2) -> None:
 
 
 def run_scenario(args: list[str], devices: int) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"), JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, "-m", "tests.test_distributed", *args], cwd=REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags
 from tests.test_distributed import REPO_ROOT, wait
 
 # Tiny towers, in process as in the subprocesses (`environment`): tests/conftest.py::fast_compiles.
@@ -54,7 +55,7 @@ def save_tiny_clip(root: pathlib.Path) -> str:
 def environment(devices: int, data_dir: str) -> dict:
   # A tiny CLIP: XLA's optimisation passes cost more compile time than they save (tests/conftest.py::
   # fast_compiles), in every binary and scenario subprocess.
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  return dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"), JAX_PLATFORMS="cpu",
               BAYESPROMPT_DATA_DIR=data_dir, PYTHONPATH=str(REPO_ROOT), JAX_DISABLE_MOST_OPTIMIZATIONS="true")
 
 
